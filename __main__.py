@@ -1,0 +1,85 @@
+"""The `treadle` command line: generate, convert, models."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _generate(args) -> int:
+    from . import SamplingParams, load
+
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    llm = load(args.model, dtype=args.dtype, device=args.device)
+    for piece in llm.stream(args.prompt, params, chat=args.chat, system=args.system):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    done = llm.last_completion
+    print(
+        f"\n[{len(done.tokens)} tokens, {done.seconds:.2f} s, "
+        f"{done.tokens_per_second:.1f} tokens/s, prompt {done.prompt_tokens} tokens, "
+        f"finish: {done.finish_reason}]"
+    )
+    return 0
+
+
+def _convert(args) -> int:
+    from .loaders.gguf_import import convert_gguf
+
+    out = convert_gguf(args.gguf, args.out_dir, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def _models(args) -> int:
+    from .loaders.default_model import default_model_dir
+
+    print(default_model_dir())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="treadle", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete a prompt, streaming the text")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", help="model directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    gen.add_argument("--system", help="system message (with --chat)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--device", default="cpu")
+    gen.set_defaults(run=_generate)
+
+    conv = sub.add_parser("convert", help="import a GGUF file into an HF-layout directory")
+    conv.add_argument("gguf")
+    conv.add_argument("out_dir")
+    conv.add_argument("--overwrite", action="store_true")
+    conv.set_defaults(run=_convert)
+
+    models = sub.add_parser("models", help="prepare the default model and print its directory")
+    models.set_defaults(run=_models)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"treadle: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

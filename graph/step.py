@@ -1,0 +1,93 @@
+"""One forward step's input: the new tokens, where they sit, and what each of them may see.
+
+A step runs B sequences with up to T new tokens each. Sequence b lives in KV-cache row rows[b]; its
+committed tokens occupy cache slots [0, starts[b]) and its n_new[b] new tokens are written to slots
+starts[b] + j (j < n_new[b]). New token i of sequence b sees
+    every committed slot s < starts[b]          (the prefix; possibly shared with another row)
+    and new token j when tree[b, i, j]          (causal: j <= i; a token tree: j is i or an ancestor)
+Positions (for RoPE) are given per token: starts[b] + i for a chain, starts[b] + depth for a tree.
+
+This one description covers causal prefill, single-token decode, a batch of ragged lengths, and a
+tree of new tokens over a shared prefix; the forward knows nothing else about the decoding method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Step:
+    tokens: torch.Tensor  # [B, T] int64, padded past n_new
+    positions: torch.Tensor  # [B, T] int64 RoPE positions
+    rows: torch.Tensor  # [B] int64 KV-cache rows
+    starts: torch.Tensor  # [B] int64 committed length = first slot written by this step
+    n_new: torch.Tensor  # [B] int64 valid new tokens per sequence (<= T)
+    mask: torch.Tensor | None  # [B, 1, T, S] bool visibility over cache slots; None = all visible
+    kv_len: int  # S = max(starts + n_new): cache slots read by this step
+    # [B, S] row and slot of each key read, where some sequence reads a prefix stored in another row
+    # (prefix sharing); None when every sequence reads only its own row.
+    kv_rows: torch.Tensor | None = None
+    kv_slots: torch.Tensor | None = None
+    logits_at: torch.Tensor | None = None  # [B] which new token's logits to return; None = all
+    rows_contiguous: bool = False  # rows == arange(r0, r0 + B): the cache can be read as a view
+
+    @property
+    def batch(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def all_valid(self) -> bool:
+        return bool((self.n_new == self.width).all())
+
+
+def causal_tree(width: int) -> torch.Tensor:
+    """[T, T] lower-triangular visibility among a chain of T new tokens."""
+    return torch.ones(width, width, dtype=torch.bool).tril()
+
+
+def tree_from_parents(parents: list[int]) -> torch.Tensor:
+    """[T, T] visibility for a token tree: node i sees itself and its ancestors (parents[i] < i,
+    -1 for a child of the committed prefix)."""
+    n = len(parents)
+    vis = torch.eye(n, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= i:
+            raise ValueError(f"tree node {i} has parent {p}: parents must come before children")
+        if p >= 0:
+            vis[i] |= vis[p]
+    return vis
+
+
+def tree_depths(tree: torch.Tensor) -> torch.Tensor:
+    """[..., T] depth of each node (0 for a child of the prefix) from its visibility matrix."""
+    return tree.sum(-1) - 1
+
+
+def build_mask(
+    starts: torch.Tensor,  # [B]
+    n_new: torch.Tensor,  # [B]
+    tree: torch.Tensor,  # [T, T] or [B, T, T] bool
+    kv_len: int,
+) -> torch.Tensor:  # [B, 1, T, S] bool
+    """Visibility of cache slots for every new token (see the module docstring)."""
+    batch, width = starts.shape[0], tree.shape[-1]
+    slot = torch.arange(kv_len)  # [S]
+    rel = slot[None, :] - starts[:, None]  # [B, S] index of the slot among the new tokens
+    prefix = rel < 0  # [B, S]
+    is_new = (rel >= 0) & (rel < n_new[:, None])  # [B, S]
+    tree = tree.expand(batch, width, width)
+    new_vis = torch.zeros(batch, width, kv_len, dtype=torch.bool)
+    b_idx, s_idx = torch.nonzero(is_new, as_tuple=True)
+    new_vis[b_idx, :, s_idx] = tree[b_idx, :, rel[b_idx, s_idx]]
+    vis = prefix[:, None, :] | new_vis  # [B, T, S]
+    # Padding queries (i >= n_new) see slot 0 so their softmax stays finite; their output is unused.
+    pad_q = torch.arange(width)[None, :] >= n_new[:, None]  # [B, T]
+    vis[:, :, 0] |= pad_q
+    return vis[:, None]

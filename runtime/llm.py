@@ -1,0 +1,174 @@
+"""The public handle on a loaded model: `treadle.load(path) -> LLM`, then `generate` / `stream`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..graph.config import ModelConfig
+from ..graph.model import Transformer
+from ..graph.weights import ModelWeights
+from ..loaders.safetensors_weights import read_state_dict
+from ..loaders.tokenizer import Tokenizer
+from .ar import generate_ar
+from .kv_cache import KVCache
+from .request import Request
+from .sampling import SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PromptError(ValueError):
+    """A prompt the model cannot take (empty, or longer than the context)."""
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "eos" | "stop" | "length"
+    seconds: float  # wall time of the whole call (prefill + decode), shared by a batch
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds > 0 else float("inf")
+
+
+class LLM:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: str | torch.dtype = "float32",
+        device: str = "cpu",
+        max_seq_len: int = 4096,
+    ):
+        self.model_dir = Path(model_dir)
+        self.config = ModelConfig.from_json(self.model_dir)
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        state = read_state_dict(self.model_dir, self.config, dtype)
+        state = {name: t.to(device) for name, t in state.items()}
+        weights = ModelWeights.from_state_dict(state, self.config)
+        self.max_seq_len = min(max_seq_len, self.config.max_position_embeddings)
+        self.model = Transformer(self.config, weights, max_positions=self.max_seq_len)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        if self.tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(
+                f"{self.model_dir}: the tokenizer has {self.tokenizer.vocab_size} tokens but "
+                f"config.json's vocab_size is {self.config.vocab_size}"
+            )
+        eos = set(self.tokenizer.eos_ids) | set(self.config.eos_token_ids)
+        self.eos_ids = frozenset(eos)
+        self._cache: KVCache | None = None
+        self.last_completion: Completion | None = None  # set when a `stream` ends
+
+    # --- prompts ----------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int], chat: bool = False, system: str | None = None):
+        """Prompt text (or ids) -> ids; with chat=True the model's chat template is applied."""
+        if isinstance(prompt, list):
+            ids = prompt
+        elif chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}
+            ]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise PromptError("the prompt is empty (no tokens)")
+        if len(ids) >= self.max_seq_len:
+            raise PromptError(
+                f"the prompt has {len(ids)} tokens but the context holds {self.max_seq_len} "
+                f"(max_seq_len; the model's limit is {self.config.max_position_embeddings})"
+            )
+        return ids
+
+    def _requests(self, prompts, params, chat, system, with_text=True) -> list[Request]:
+        requests = []
+        for p in prompts:
+            ids = self.encode(p, chat, system)
+            room = self.max_seq_len - len(ids)  # generation stops when the context is full
+            req_params = params
+            if params.max_new_tokens > room:
+                req_params = _replace(params, max_new_tokens=room)
+            decoder = self.tokenizer.stream_decoder() if with_text else None
+            requests.append(Request(ids, req_params, self.eos_ids, decoder))
+        return requests
+
+    def _cache_for(self, requests: list[Request]) -> KVCache:
+        rows = len(requests) + 1  # +1: the row a shared prompt prefix is prefilled into
+        need = max(len(r.prompt) + r.params.max_new_tokens for r in requests)
+        c = self._cache
+        if c is None or len(c.lengths) < rows or c.capacity < need:
+            c = self._cache = KVCache(self.config, rows, need, self.model.dtype, self.model.device)
+        return c
+
+    # --- generation -------------------------------------------------------------------------
+    def stream(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        chat: bool = False,
+        system: str | None = None,
+    ) -> Iterator[str]:
+        """Text of one completion, piece by piece as it is produced."""
+        requests = self._requests([prompt], params or SamplingParams(), chat, system)
+        t0 = time.perf_counter()
+        for _, text in generate_ar(self.model, self._cache_for(requests), requests):
+            if text:
+                yield text
+        r = requests[0]
+        seconds = time.perf_counter() - t0
+        self.last_completion = Completion(r.text, r.tokens, len(r.prompt), r.finish_reason, seconds)
+
+    def generate(
+        self,
+        prompts: str | list[int] | list[str] | list[list[int]],
+        params: SamplingParams | None = None,
+        chat: bool = False,
+        system: str | None = None,
+    ) -> Completion | list[Completion]:
+        """Complete one prompt (returns a Completion) or a batch (returns a list, in order)."""
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        requests = self._requests(batch, params or SamplingParams(), chat, system)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for _ in generate_ar(self.model, self._cache_for(requests), requests):
+                pass
+        seconds = time.perf_counter() - t0
+        out = [
+            Completion(r.text, r.tokens, len(r.prompt), r.finish_reason, seconds)
+            for r in requests
+        ]
+        return out[0] if single else out
+
+
+def _replace(params: SamplingParams, **changes) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, **changes)
+
+
+def load(
+    path: str | Path | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    max_seq_len: int = 4096,
+) -> LLM:
+    """Load a model directory or GGUF file; None loads the embedded default model."""
+    if path is None:
+        from ..loaders.default_model import default_model_dir
+
+        path = default_model_dir()
+    path = Path(path)
+    if path.suffix == ".gguf":
+        from ..loaders.default_model import converted_gguf_dir
+
+        path = converted_gguf_dir(path)
+    return LLM(path, dtype=dtype, device=device, max_seq_len=max_seq_len)
