@@ -43,7 +43,7 @@ class Transformer:
         self.max_positions = max_positions or cfg.max_position_embeddings
         cos, sin = rope_tables(rope_inv_freq(cfg), self.max_positions)
         device = weights.embed.device
-        self.cos, self.sin = cos.to(device), sin.to(device)  # [P, D/2] fp32
+        self.cos, self.sin = cos.to(device), sin.to(device)  # [P, D] fp32, see kernels/rope.py
         self.dtype = weights.embed.dtype
         self.device = device
 
@@ -67,7 +67,7 @@ class Transformer:
         h = F.embedding(step.tokens, w.embed)  # [B, T, d]
         if input_embeds is not None:
             h = h + input_embeds.to(h.dtype)
-        cos, sin = self.cos[step.positions], self.sin[step.positions]  # [B, T, D/2]
+        cos, sin = self.cos[step.positions], self.sin[step.positions]  # [B, T, D]
         n_qk = cfg.num_heads + cfg.num_kv_heads
         for i in self.all_layers if layers is None else layers:
             lw = w.layers[i]
