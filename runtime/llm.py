@@ -139,7 +139,9 @@ class LLM:
         system: str | None = None,
     ) -> Completion | list[Completion]:
         """Complete one prompt (returns a Completion) or a batch (returns a list, in order)."""
-        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+        if not isinstance(prompts, str) and len(prompts) == 0:
+            raise PromptError("no prompt given (an empty list is neither a prompt nor a batch)")
+        single = isinstance(prompts, str) or isinstance(prompts[0], int)
         batch = [prompts] if single else list(prompts)
         requests = self._requests(batch, params or SamplingParams(), chat, system)
         t0 = time.perf_counter()

@@ -475,3 +475,17 @@ def test_sentencepiece_tokenizer_refused(tmp_path):
     )
     with pytest.raises(GGUFImportError, match="tokenizer model 'llama' in GGUF not supported"):
         convert_gguf(src, tmp_path / "hf", progress=False)
+
+
+def test_load_gguf_imports_once_into_the_cache(tmp_path, tiny_gguf, monkeypatch):
+    import treadle
+
+    monkeypatch.setenv("TREADLE_CACHE", str(tmp_path / "cache"))
+    llm = treadle.load(tiny_gguf)
+    assert llm.model_dir.parent == tmp_path / "cache" / "models"
+    first = (llm.model_dir / "model.safetensors").stat().st_mtime_ns
+    out = llm.generate([1, 5, 7], treadle.SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert len(out.tokens) == 4
+    again = treadle.load(tiny_gguf)  # the second load finds the import, converts nothing
+    assert again.model_dir == llm.model_dir
+    assert (again.model_dir / "model.safetensors").stat().st_mtime_ns == first

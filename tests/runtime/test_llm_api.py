@@ -1,0 +1,68 @@
+"""The public API and CLI on the default model: errors for bad input, limits, streaming output."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import treadle
+from treadle.__main__ import main
+from treadle.runtime.llm import PromptError
+
+pytestmark = pytest.mark.default_model
+
+
+@pytest.fixture(scope="module")
+def small_context():
+    from treadle.loaders.default_model import DefaultModelMissing
+
+    try:
+        return treadle.load(max_seq_len=48)
+    except DefaultModelMissing as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(e))
+
+
+def test_prompt_past_the_context_is_a_clear_error(small_context):
+    with pytest.raises(PromptError, match=r"the prompt has \d+ tokens but the context holds 48"):
+        small_context.generate("word " * 60)
+
+
+def test_empty_prompt_is_a_clear_error(small_context):
+    with pytest.raises(PromptError, match="empty"):
+        small_context.generate("")
+    with pytest.raises(PromptError, match="no prompt given"):
+        small_context.generate([])
+
+
+def test_generation_stops_when_the_context_is_full(small_context):
+    ids = small_context.encode("Count from one to one hundred.", chat=True)
+    out = small_context.generate(ids, treadle.SamplingParams(max_new_tokens=500, ignore_eos=True))
+    assert out.finish_reason == "length"
+    assert len(ids) + len(out.tokens) == 48
+
+
+def test_stop_string(small_context):
+    params = treadle.SamplingParams(max_new_tokens=20, stop=("Paris",))
+    out = small_context.generate("What is the capital of France?", params, chat=True)
+    assert (out.text, out.finish_reason) == ("The capital of France is ", "stop")
+
+
+def test_cli_generate_streams_then_prints_stats(small_context, capsys):
+    assert main(["generate", "--chat", "--max-new-tokens", "8", "What is the capital of France?"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The capital of France is Paris.")
+    assert "tokens/s" in out.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "--temperature", "-1", "hi"], "SamplingParams.temperature=-1.0"),
+    (["generate", "--model", "/nonexistent/dir", "hi"], "/nonexistent/dir"),
+    (["convert", "/nonexistent/x.gguf", "/tmp/out"], "/nonexistent/x.gguf"),
+])
+def test_cli_errors_exit_2_with_a_message(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("treadle: error:") and message in err
