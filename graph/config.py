@@ -128,8 +128,11 @@ class ModelConfig:
         """The HF config.json fields this config was read from (for writers such as GGUF import)."""
         d = {
             "architectures": [
-                {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM"}[self.model_type]
+                {
+                    "llama": "LlamaForCausalLM",
+                    "mistral": "MistralForCausalLM",
+                    "qwen2": "Qwen2ForCausalLM",
+                }[self.model_type]
             ],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
@@ -146,7 +149,8 @@ class ModelConfig:
             "attention_bias": self.qkv_bias,
             "hidden_act": "silu",
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1
+            "eos_token_id": list(self.eos_token_ids)
+            if len(self.eos_token_ids) != 1
             else self.eos_token_ids[0],
         }
         if self.rope_scaling is not None:

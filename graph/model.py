@@ -73,8 +73,9 @@ class Transformer:
             lw = w.layers[i]
             x = rmsnorm_ref(h, lw.attn_norm, cfg.rms_norm_eps)
             qkv = self._linear(x, lw.qkv)  # [B, T, q + 2kv]
-            qk = rope_ref(qkv[..., : n_qk * cfg.head_dim].view(batch, width, n_qk, cfg.head_dim),
-                          cos, sin)  # [B, T, H + Hkv, D]
+            qk = rope_ref(
+                qkv[..., : n_qk * cfg.head_dim].view(batch, width, n_qk, cfg.head_dim), cos, sin
+            )  # [B, T, H + Hkv, D]
             q, k = qk[:, :, : cfg.num_heads], qk[:, :, cfg.num_heads :]
             v = qkv[..., n_qk * cfg.head_dim :].view(batch, width, cfg.num_kv_heads, cfg.head_dim)
             cache.write(i, step, k, v)

@@ -4,7 +4,7 @@ A step runs B sequences with up to T new tokens each. Sequence b lives in KV-cac
 committed tokens occupy cache slots [0, starts[b]) and its n_new[b] new tokens are written to slots
 starts[b] + j (j < n_new[b]). New token i of sequence b sees
     every committed slot s < starts[b]          (the prefix; possibly shared with another row)
-    and new token j when tree[b, i, j]          (causal: j <= i; a token tree: j is i or an ancestor)
+    and new token j when tree[b, i, j]          (causal: j <= i; a tree: j is i or an ancestor)
 Positions (for RoPE) are given per token: starts[b] + i for a chain, starts[b] + depth for a tree.
 
 This one description covers causal prefill, single-token decode, a batch of ragged lengths, and a

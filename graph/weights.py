@@ -1,8 +1,8 @@
 """The model's weights as data: which tensors a checkpoint must hold, and how they are fused.
 
 Checkpoint names follow the Hugging Face Llama layout; `{i}` stands for the layer index. q/k/v are
-fused into one [q + 2kv, d] projection and gate/up into one [2F, d] projection, so a decode step runs
-4 weight products per layer instead of 7.
+fused into one [q + 2kv, d] projection and gate/up into one [2F, d] projection, so a decode step
+runs 4 weight products per layer instead of 7.
 """
 
 from __future__ import annotations
@@ -125,5 +125,6 @@ class ModelWeights:
             )
         embed = state["model.embed_tokens.weight"].contiguous()
         head = embed if cfg.tie_word_embeddings else state["lm_head.weight"]
-        return cls(embed=embed, layers=layers, norm=state["model.norm.weight"],
-                   lm_head=Linear.of(head))
+        return cls(
+            embed=embed, layers=layers, norm=state["model.norm.weight"], lm_head=Linear.of(head)
+        )

@@ -116,7 +116,7 @@ def convert_gguf(
 
 
 def import_is_current(out_dir: str | os.PathLike, gguf_path: str | os.PathLike) -> bool:
-    """Whether `out_dir` is a finished import of `gguf_path` (same size and mtime) by this version."""
+    """Whether `out_dir` is a finished import of `gguf_path` (same size, mtime, importer)."""
     try:
         marker = json.loads((Path(out_dir) / MARKER).read_text())
         want = _marker(Path(gguf_path))

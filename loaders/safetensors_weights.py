@@ -44,18 +44,21 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
 def read_state_dict(
     model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
-    """Load every declared tensor of `cfg` from `model_dir`, checked, cast to `dtype` (on the CPU)."""
+    """Every declared tensor of `cfg` from `model_dir`, checked, cast to `dtype` (on the CPU)."""
     model_dir = Path(model_dir)
     where = checkpoint_files(model_dir)
     expected = expected_shapes(cfg)
     missing = [n for n in expected if n not in where]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise WeightsError(f"{model_dir}: tensor '{missing[0]}' is missing from the checkpoint{more}")
+        raise WeightsError(
+            f"{model_dir}: tensor '{missing[0]}' is missing from the checkpoint{more}"
+        )
     # A tied checkpoint may still store lm_head.weight (a copy of the embedding): ignore it.
     allowed_extra = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     unexpected = [
-        n for n in where
+        n
+        for n in where
         if n not in expected and n not in allowed_extra and not n.endswith(IGNORED_SUFFIXES)
     ]
     if unexpected:

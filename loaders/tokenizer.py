@@ -1,5 +1,6 @@
-"""The tokenizer of an HF-layout model directory: tokenizer.json (via `tokenizers`: byte-level BPE as
-in SmolLM2, Llama-3, Qwen2) or tokenizer.model (via `sentencepiece`: Llama-2, TinyLlama, Mistral),
+"""The tokenizer of an HF-layout model directory: tokenizer.json (via `tokenizers`: byte-level BPE
+as in SmolLM2, Llama-3, Qwen2) or tokenizer.model (via `sentencepiece`: Llama-2, TinyLlama,
+Mistral),
 its special tokens, its Jinja chat template, and a streaming detokenizer.
 
 HF spreads one tokenizer over several files; they are read here, and only here:
@@ -64,7 +65,7 @@ def _ids(*values: object) -> list[int]:
 
 
 class _TokenizersJson:
-    """tokenizer.json through the `tokenizers` library, which splits added tokens out of the text."""
+    """tokenizer.json through the `tokenizers` library (it splits added tokens out of the text)."""
 
     def __init__(self, path: Path):
         try:
@@ -132,7 +133,7 @@ class _SentencePiece:
         return ids
 
     def _encode_inner(self, text: str) -> list[int]:
-        """`text` without sentencepiece's dummy-prefix "▁": encode anchor + text, drop the anchor."""
+        """`text` without sentencepiece's dummy prefix "▁" (encode anchor + text, drop anchor)."""
         ids = self.sp.encode(self.anchor + text)
         k = len(self.anchor_ids)
         return ids[k:] if ids[:k] == self.anchor_ids else self.sp.encode(text)
@@ -330,7 +331,8 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in the text become their ids. With
-        add_special_tokens, BOS is prepended if `add_bos` (and EOS appended if the config says so)."""
+        add_special_tokens, BOS is prepended if `add_bos` (and EOS appended if the config says
+        so)."""
         ids = self._backend.encode(text)
         if add_special_tokens and self.add_bos:
             ids.insert(0, self.bos_id)

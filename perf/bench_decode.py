@@ -5,14 +5,14 @@
 For each of the first N MT-Bench questions (first turn, chat template applied), both runtimes
 generate exactly --max-new-tokens tokens greedily (EOS ignored) from the same converted weights in
 fp32 at batch 1. Reported per runtime:
-    tokens/s = generated tokens / wall seconds of the whole call (prefill included), summed over prompts
+    tokens/s = generated tokens / wall seconds of the whole call (prefill included), all prompts
     decode tokens/s (treadle) = (tokens - 1) / seconds after the first token
     bandwidth limit = copy bandwidth / weight bytes read per token
         weight bytes per token = every weight matrix + norms + the LM head (the embedding row read
         is negligible); copy bandwidth is measured here with a 512 MiB numpy copy, counting the
         bytes read plus the bytes written (the STREAM convention). The read bandwidth of a
-        multi-threaded BLAS matrix-vector product over a 512 MiB matrix is reported beside it: decode
-        only reads its weights, so that is the tighter limit.
+        multi-threaded BLAS matrix-vector product over a 512 MiB matrix is reported beside it:
+        decode only reads its weights, so that is the tighter limit.
 Results go to perf/results/bench_decode-<host>.json with the machine and the command.
 """
 
@@ -46,9 +46,13 @@ def machine() -> dict:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1),
-        "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "numpy": np.__version__,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
@@ -122,10 +126,16 @@ def run_transformers(model_dir: Path, prompt_ids: list[list[int]], n_new: int, t
             x = torch.tensor([ids])
             t0 = time.perf_counter()
             out = model.generate(
-                x, attention_mask=torch.ones_like(x), max_new_tokens=n_new, min_new_tokens=n_new,
-                do_sample=False, pad_token_id=0,
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,
+                do_sample=False,
+                pad_token_id=0,
             )
-            rows.append({"tokens": out[0, len(ids):].tolist(), "seconds": time.perf_counter() - t0})
+            rows.append(
+                {"tokens": out[0, len(ids) :].tolist(), "seconds": time.perf_counter() - t0}
+            )
     return rows
 
 
@@ -135,8 +145,12 @@ def main() -> int:
     ap.add_argument("--n-prompts", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--model", help="model directory (default: the embedded default model)")
-    ap.add_argument("--hf-threads", type=int, default=os.cpu_count(),
-                    help="torch threads for transformers (its best setting here)")
+    ap.add_argument(
+        "--hf-threads",
+        type=int,
+        default=os.cpu_count(),
+        help="torch threads for transformers (its best setting here)",
+    )
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--out", type=Path, help="results file (default perf/results/...)")
     args = ap.parse_args()
@@ -176,7 +190,7 @@ def main() -> int:
         "limit_tokens_per_s_copy": round(limit_copy, 1),
         "limit_tokens_per_s_read": round(limit_read, 1),
         "formula": "tokens/s = generated tokens / wall seconds (prefill included); "
-                   "limit = bandwidth / weight bytes per token",
+        "limit = bandwidth / weight bytes per token",
         "treadle": {
             "tokens_per_s": round(ours_tps, 2),
             "decode_tokens_per_s": round(decode_tps, 2),
@@ -195,19 +209,24 @@ def main() -> int:
         hf_tps = sum(len(r["tokens"]) for r in theirs) / sum(r["seconds"] for r in theirs)
         same = sum(a["tokens"] == b["tokens"] for a, b in zip(ours, theirs))
         agree = [
-            next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y),
-                 len(a["tokens"]))
+            next(
+                (i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y),
+                len(a["tokens"]),
+            )
             for a, b in zip(ours, theirs)
         ]
         result["transformers"] = {
-            "tokens_per_s": round(hf_tps, 2), "threads": args.hf_threads,
+            "tokens_per_s": round(hf_tps, 2),
+            "threads": args.hf_threads,
             "per_prompt_seconds": [round(r["seconds"], 3) for r in theirs],
         }
         result["speedup_vs_transformers"] = round(ours_tps / hf_tps, 3)
         result["identical_outputs"] = f"{same}/{len(ours)}"
         result["agreeing_prefix_tokens"] = agree
         lines.append(f"transformers  {hf_tps:6.1f} tok/s  ({args.hf_threads} threads)")
-        lines.append(f"speedup {ours_tps / hf_tps:.2f}x; identical greedy outputs {same}/{len(ours)}")
+        lines.append(
+            f"speedup {ours_tps / hf_tps:.2f}x; identical greedy outputs {same}/{len(ours)}"
+        )
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
     out = args.out or RESULTS / f"bench_decode-{platform.node() or 'host'}.json"

@@ -86,10 +86,13 @@ class KVCache:
     def rollback(self, row: int, length: int) -> None:
         if length < self.lent[row]:
             raise KVCacheError(
-                f"cannot roll row {row} back to {length}: its first {self.lent[row]} slots are shared"
+                f"cannot roll row {row} back to {length}: "
+                f"its first {self.lent[row]} slots are shared"
             )
         if length > self.lengths[row]:
-            raise KVCacheError(f"cannot roll row {row} forward from {self.lengths[row]} to {length}")
+            raise KVCacheError(
+                f"cannot roll row {row} forward from {self.lengths[row]} to {length}"
+            )
         self.lengths[row] = length
 
     def commit(self, row: int, src_slots: torch.Tensor | Sequence[int]) -> None:

@@ -151,8 +151,7 @@ class LLM:
             pass
         seconds = time.perf_counter() - t0
         out = [
-            Completion(r.text, r.tokens, len(r.prompt), r.finish_reason, seconds)
-            for r in requests
+            Completion(r.text, r.tokens, len(r.prompt), r.finish_reason, seconds) for r in requests
         ]
         return out[0] if single else out
 

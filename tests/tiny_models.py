@@ -9,24 +9,60 @@ import torch
 
 TINY_CONFIGS = {
     # name: (model_type, overrides)
-    "llama_gqa_tied": dict(model_type="llama", hidden_size=64, intermediate_size=96,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           tie_word_embeddings=True),
-    "llama_odd_untied": dict(model_type="llama", hidden_size=72, intermediate_size=50,
-                             num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=3,
-                             tie_word_embeddings=False),
-    "llama3_scaled_mha": dict(model_type="llama", hidden_size=64, intermediate_size=128,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                              tie_word_embeddings=False, rope_theta=500000.0,
-                              rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                            "original_max_position_embeddings": 64}),
-    "qwen2_bias": dict(model_type="qwen2", hidden_size=64, intermediate_size=96,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                       tie_word_embeddings=True),
-    "mistral": dict(model_type="mistral", hidden_size=48, intermediate_size=80,
-                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    tie_word_embeddings=False, sliding_window=None),
+    "llama_gqa_tied": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "llama_odd_untied": dict(
+        model_type="llama",
+        hidden_size=72,
+        intermediate_size=50,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        tie_word_embeddings=False,
+    ),
+    "llama3_scaled_mha": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "qwen2_bias": dict(
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    ),
+    "mistral": dict(
+        model_type="mistral",
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        sliding_window=None,
+    ),
 }
 
 
@@ -37,8 +73,13 @@ def make_hf_model(name: str, vocab_size: int = 211, seed: int = 0):
     raw = dict(TINY_CONFIGS[name])
     model_type = raw.pop("model_type")
     config = AutoConfig.for_model(
-        model_type, vocab_size=vocab_size, max_position_embeddings=256, rms_norm_eps=1e-5,
-        bos_token_id=1, eos_token_id=2, **raw,
+        model_type,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        **raw,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

@@ -6,13 +6,23 @@ import json
 
 import pytest
 import torch
-
 from treadle.graph.config import ConfigError, ModelConfig, rope_inv_freq
 
-SMOLLM = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-              num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-              rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
-              tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+SMOLLM = dict(
+    model_type="llama",
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def test_derived_fields():
@@ -36,12 +46,18 @@ def test_llama3_rope_scaling_matches_transformers(key):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     raw = SMOLLM | {"rope_theta": 500000.0, key: scaling | {"rope_theta": 500000.0}}
     ours = rope_inv_freq(ModelConfig.from_dict(raw))
-    hf_cfg = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("rope_scaling",)},
-                         rope_scaling=scaling)
+    hf_cfg = LlamaConfig(
+        **{k: v for k, v in raw.items() if k not in ("rope_scaling",)}, rope_scaling=scaling
+    )
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
     torch.testing.assert_close(ours, ref.float())
 
@@ -51,8 +67,17 @@ def test_unknown_model_type_names_it():
         ModelConfig.from_dict(SMOLLM | {"model_type": "gpt_neox"})
 
 
-@pytest.mark.parametrize("field", ["model_type", "hidden_size", "vocab_size", "num_hidden_layers",
-                                   "intermediate_size", "num_attention_heads"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "model_type",
+        "hidden_size",
+        "vocab_size",
+        "num_hidden_layers",
+        "intermediate_size",
+        "num_attention_heads",
+    ],
+)
 def test_missing_field_names_it(field):
     raw = dict(SMOLLM)
     raw.pop(field)
@@ -69,7 +94,8 @@ def test_bad_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(SMOLLM | {"num_key_value_heads": 4}))
     with pytest.raises(ConfigError, match="not a multiple of num_key_value_heads=4"):
         ModelConfig.from_json(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(
-        SMOLLM | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(SMOLLM | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    )
     with pytest.raises(ConfigError, match="rope_scaling type 'yarn' is not supported"):
         ModelConfig.from_json(tmp_path)

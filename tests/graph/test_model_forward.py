@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
-
 from treadle.graph.config import ModelConfig
 from treadle.graph.model import Transformer
 from treadle.graph.weights import ModelWeights
@@ -14,8 +12,9 @@ from treadle.runtime.kv_cache import KVCache
 
 def load_transformer(path) -> Transformer:
     cfg = ModelConfig.from_json(path)
-    return Transformer(cfg, ModelWeights.from_state_dict(read_state_dict(path, cfg), cfg),
-                       max_positions=256)
+    return Transformer(
+        cfg, ModelWeights.from_state_dict(read_state_dict(path, cfg), cfg), max_positions=256
+    )
 
 
 def test_prefill_logits_match_transformers(tiny_model):
@@ -35,8 +34,13 @@ def test_greedy_32_tokens_identical_to_transformers(tiny_model):
     model = load_transformer(path)
     prompt = [5, 17, 42, 99, 3, 150, 7]
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                          min_new_tokens=32, pad_token_id=0)[0, len(prompt):].tolist()
+        ref = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=32,
+            do_sample=False,
+            min_new_tokens=32,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
     cache = KVCache(model.cfg, rows=1, capacity=64)
     logits = model.forward(cache.make_step([0], [prompt]), cache)
     cache.extend([0], [len(prompt)])

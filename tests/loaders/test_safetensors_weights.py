@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from tiny_models import make_hf_model, save_hf_model
 from treadle.graph.config import ModelConfig
 from treadle.loaders.safetensors_weights import WeightsError, read_state_dict
@@ -31,8 +30,10 @@ def test_sharded_checkpoint_loads_the_same_tensors(model_dir, copy):
     whole = load_file(copy / "model.safetensors")
     (copy / "model.safetensors").unlink()
     names = sorted(whole)
-    shards = {"model-00001-of-00002.safetensors": names[::2],
-              "model-00002-of-00002.safetensors": names[1::2]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
     weight_map = {}
     for file, part in shards.items():
         save_file({n: whole[n] for n in part}, copy / file)
@@ -56,7 +57,8 @@ def test_missing_shard_names_the_file(copy):
     cfg = ModelConfig.from_json(copy)
     names = list(load_file(copy / "model.safetensors"))
     (copy / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {n: "gone.safetensors" for n in names}}))
+        json.dumps({"weight_map": {n: "gone.safetensors" for n in names}})
+    )
     with pytest.raises(WeightsError, match=r"gone\.safetensors: weight file is missing"):
         read_state_dict(copy, cfg)
 
@@ -88,8 +90,11 @@ def test_wrong_shape_names_tensor_file_and_both_shapes(copy):
     cfg = ModelConfig.from_json(copy)
     name = "model.layers.1.mlp.up_proj.weight"
     rewrite(copy, lambda s: s.__setitem__(name, torch.zeros(49, 72)))
-    with pytest.raises(WeightsError, match=rf"model\.safetensors: tensor '{name}' has shape "
-                       r"\(49, 72\), expected \(50, 72\)"):
+    with pytest.raises(
+        WeightsError,
+        match=rf"model\.safetensors: tensor '{name}' has shape "
+        r"\(49, 72\), expected \(50, 72\)",
+    ):
         read_state_dict(copy, cfg)
 
 
@@ -104,8 +109,11 @@ def test_wrong_dtype(copy):
 def test_missing_tensor(copy):
     cfg = ModelConfig.from_json(copy)
     rewrite(copy, lambda s: s.pop("model.layers.2.self_attn.k_proj.weight"))
-    with pytest.raises(WeightsError, match=r"'model\.layers\.2\.self_attn\.k_proj\.weight' is "
-                       "missing"):
+    with pytest.raises(
+        WeightsError,
+        match=r"'model\.layers\.2\.self_attn\.k_proj\.weight' is "
+        "missing",
+    ):
         read_state_dict(copy, cfg)
 
 

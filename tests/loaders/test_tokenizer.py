@@ -1,5 +1,5 @@
-"""Tokenizer tests on two tiny tokenizers trained here (no hub, no network): a sentencepiece BPE with
-byte fallback (Llama-2 style) and a byte-level BPE with ChatML special tokens (SmolLM2 style).
+"""Tokenizer tests on two tiny tokenizers trained here (no hub, no network): a sentencepiece BPE
+with byte fallback (Llama-2 style) and a byte-level BPE with ChatML special tokens (SmolLM2 style).
 `transformers`, loading the same local directories, is the oracle; its sentencepiece conversion
 needs `protobuf`, so those comparisons skip without it (raw sentencepiece is compared regardless).
 """
@@ -182,7 +182,7 @@ def hf_tokenizer(path, kind: str):
 
 
 def byte_level_alphabet() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest for chr(256+k)."""
+    """GPT-2's byte-level alphabet: printable bytes are themselves, the rest chr(256+k)."""
     printable = [
         *range(ord("!"), ord("~") + 1),
         *range(ord("¡"), ord("¬") + 1),
@@ -300,7 +300,8 @@ def test_bpe_post_processor_bos(bpe_dir, tmp_path):
 
 
 def test_ids_from_model_config(bpe_dir, tmp_path):
-    # No tokenizer_config.json: bos/eos come from config.json, the template from chat_template.jinja.
+    # No tokenizer_config.json: bos/eos come from config.json, the template from
+    # chat_template.jinja.
     shutil.copy(bpe_dir / "tokenizer.json", tmp_path)
     write_json(tmp_path / "config.json", {"bos_token_id": 1, "eos_token_id": 2})
     tok = Tokenizer.from_dir(tmp_path)

@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-
 import treadle
 from treadle.runtime.kv_cache import KVCache
 
@@ -47,9 +46,14 @@ def test_greedy_32_tokens_identical_to_transformers(llm, hf):
         params = treadle.SamplingParams(max_new_tokens=32, ignore_eos=True)
         ours = llm.generate(ids, params).tokens
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
-                              max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                              pad_token_id=0)[0, len(ids):].tolist()
+            ref = hf.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids)),
+                max_new_tokens=32,
+                min_new_tokens=32,
+                do_sample=False,
+                pad_token_id=0,
+            )[0, len(ids) :].tolist()
         assert ours == ref
 
 

@@ -1,4 +1,4 @@
-"""KV cache and the attention description: ragged batches, prefix sharing, trees, commit/rollback."""
+"""KV cache and the Step: ragged batches, shared prefixes, trees, commit/rollback."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-
+from tiny_models import make_hf_model, save_hf_model
 from treadle.graph.config import ModelConfig
 from treadle.graph.model import Transformer
 from treadle.graph.step import build_mask, tree_from_parents
@@ -16,7 +16,6 @@ from treadle.runtime.ar import generate_ar
 from treadle.runtime.kv_cache import KVCache, KVCacheError
 from treadle.runtime.request import Request
 from treadle.runtime.sampling import SamplingParams
-from tiny_models import make_hf_model, save_hf_model
 
 
 @pytest.fixture(scope="module")

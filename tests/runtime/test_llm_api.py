@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 import treadle
 from treadle.__main__ import main
 from treadle.runtime.llm import PromptError
@@ -51,17 +50,22 @@ def test_stop_string(small_context):
 
 
 def test_cli_generate_streams_then_prints_stats(small_context, capsys):
-    assert main(["generate", "--chat", "--max-new-tokens", "8", "What is the capital of France?"]) == 0
+    assert (
+        main(["generate", "--chat", "--max-new-tokens", "8", "What is the capital of France?"]) == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("The capital of France is Paris.")
     assert "tokens/s" in out.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["generate", "--temperature", "-1", "hi"], "SamplingParams.temperature=-1.0"),
-    (["generate", "--model", "/nonexistent/dir", "hi"], "/nonexistent/dir"),
-    (["convert", "/nonexistent/x.gguf", "/tmp/out"], "/nonexistent/x.gguf"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["generate", "--temperature", "-1", "hi"], "SamplingParams.temperature=-1.0"),
+        (["generate", "--model", "/nonexistent/dir", "hi"], "/nonexistent/dir"),
+        (["convert", "/nonexistent/x.gguf", "/tmp/out"], "/nonexistent/x.gguf"),
+    ],
+)
 def test_cli_errors_exit_2_with_a_message(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err

@@ -6,17 +6,29 @@ import math
 
 import pytest
 import torch
-
 from treadle.runtime.sampling import (
-    SamplingError, SamplingParams, make_generators, probabilities, sample,
+    SamplingError,
+    SamplingParams,
+    make_generators,
+    probabilities,
+    sample,
 )
 
 
-@pytest.mark.parametrize("field,value", [
-    ("max_new_tokens", 0), ("max_new_tokens", 1.5), ("temperature", -0.1),
-    ("temperature", float("nan")), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
-    ("seed", "x"), ("stop", ("",)),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_new_tokens", 0),
+        ("max_new_tokens", 1.5),
+        ("temperature", -0.1),
+        ("temperature", float("nan")),
+        ("top_k", -1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("seed", "x"),
+        ("stop", ("",)),
+    ],
+)
 def test_invalid_params_name_the_field(field, value):
     with pytest.raises(SamplingError, match=f"SamplingParams.{field}="):
         SamplingParams(**{field: value})
@@ -47,8 +59,10 @@ def brute_force(logits: torch.Tensor, t: float, k: int, p: float) -> torch.Tenso
     return torch.stack(out).float()
 
 
-@pytest.mark.parametrize("t,k,p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.9, 7, 0.6),
-                                   (2.0, 1, 1.0), (0.5, 0, 0.05)])
+@pytest.mark.parametrize(
+    "t,k,p",
+    [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.9, 7, 0.6), (2.0, 1, 1.0), (0.5, 0, 0.05)],
+)
 def test_probabilities_match_definition(t, k, p):
     logits = torch.randn(4, 23, generator=torch.Generator().manual_seed(0)) * 3
     got = probabilities(logits, SamplingParams(temperature=t, top_k=k, top_p=p))
@@ -64,12 +78,15 @@ def test_greedy_is_argmax_and_one_hot():
 def test_seeded_sampling_is_reproducible_and_per_sequence():
     logits = torch.randn(1, 100).expand(3, 100)
     params = SamplingParams(temperature=1.0, seed=42)
-    draws = lambda: [tuple(sample(logits, params, make_generators(params, 3))) for _ in range(1)]
+
+    def draws():
+        return sample(logits, params, make_generators(params, 3))
+
     assert draws() == draws()
     # Sequence i of a batch uses seed + i: the same as sampling it alone with that seed.
-    alone = sample(logits[:1], SamplingParams(temperature=1.0, seed=43), make_generators(
-        SamplingParams(temperature=1.0, seed=43), 1))
-    assert alone[0] == draws()[0][1]
+    alone_params = SamplingParams(temperature=1.0, seed=43)
+    alone = sample(logits[:1], alone_params, make_generators(alone_params, 1))
+    assert alone[0] == draws()[1]
 
 
 def test_empirical_distribution_matches_chi_square():
