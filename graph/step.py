@@ -14,8 +14,10 @@ tree of new tokens over a shared prefix; the forward knows nothing else about th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+
 
 
 @dataclass
@@ -25,12 +27,14 @@ class Step:
     rows: torch.Tensor  # [B] int64 KV-cache rows
     starts: torch.Tensor  # [B] int64 committed length = first slot written by this step
     n_new: torch.Tensor  # [B] int64 valid new tokens per sequence (<= T)
-    mask: torch.Tensor | None  # [B, 1, T, S] bool visibility over cache slots; None = all visible
     kv_len: int  # S = max(starts + n_new): cache slots read by this step
-    # [B, S] row and slot of each key read, where some sequence reads a prefix stored in another row
-    # (prefix sharing); None when every sequence reads only its own row.
+    tree: torch.Tensor | None = None  # [B, T, T] bool visibility among new tokens; None = causal
+    # [B, T] int64 the same visibility as bits (bit j of row i set iff i sees j; T <= 64), the
+    # Triton kernel's form; a plain field so a static plan can point it at a buffer it refills.
+    tree_bits: torch.Tensor | None = None
+    # [B, S] the cache row holding slot s of sequence b, where some sequence reads a prefix stored
+    # in another row (prefix sharing); None when every sequence reads only its own row.
     kv_rows: torch.Tensor | None = None
-    kv_slots: torch.Tensor | None = None
     logits_at: torch.Tensor | None = None  # [B] which new token's logits to return; None = all
     rows_contiguous: bool = False  # rows == arange(r0, r0 + B): the cache can be read as a view
 
@@ -42,9 +46,29 @@ class Step:
     def width(self) -> int:
         return self.tokens.shape[1]
 
-    @property
+    def refilled(self) -> None:
+        """Forget what was derived from the tensors (a static plan refills them in place)."""
+        for name in ("all_valid", "uniform_start", "mask"):
+            self.__dict__.pop(name, None)
+
+    @cached_property
     def all_valid(self) -> bool:
         return bool((self.n_new == self.width).all())
+
+    @cached_property
+    def uniform_start(self) -> int | None:
+        """The common start slot when every sequence starts at the same slot, else None."""
+        s0 = int(self.starts[0])
+        return s0 if bool((self.starts == s0).all()) else None
+
+    @cached_property
+    def mask(self) -> torch.Tensor | None:
+        """[B, 1, T, S] bool visibility over cache slots (the torch backend's form); None when
+        every token sees every slot (single-token decode with all sequences ending at S)."""
+        if self.width == 1 and bool((self.starts + 1 == self.kv_len).all()):
+            return None
+        tree = causal_tree(self.width).to(self.starts.device) if self.tree is None else self.tree
+        return build_mask(self.starts, self.n_new, tree, self.kv_len)
 
 
 def causal_tree(width: int) -> torch.Tensor:
@@ -78,16 +102,17 @@ def build_mask(
 ) -> torch.Tensor:  # [B, 1, T, S] bool
     """Visibility of cache slots for every new token (see the module docstring)."""
     batch, width = starts.shape[0], tree.shape[-1]
-    slot = torch.arange(kv_len)  # [S]
+    device = starts.device
+    slot = torch.arange(kv_len, device=device)  # [S]
     rel = slot[None, :] - starts[:, None]  # [B, S] index of the slot among the new tokens
     prefix = rel < 0  # [B, S]
     is_new = (rel >= 0) & (rel < n_new[:, None])  # [B, S]
     tree = tree.expand(batch, width, width)
-    new_vis = torch.zeros(batch, width, kv_len, dtype=torch.bool)
+    new_vis = torch.zeros(batch, width, kv_len, dtype=torch.bool, device=device)
     b_idx, s_idx = torch.nonzero(is_new, as_tuple=True)
     new_vis[b_idx, :, s_idx] = tree[b_idx, :, rel[b_idx, s_idx]]
     vis = prefix[:, None, :] | new_vis  # [B, T, S]
     # Padding queries (i >= n_new) see slot 0 so their softmax stays finite; their output is unused.
-    pad_q = torch.arange(width)[None, :] >= n_new[:, None]  # [B, T]
+    pad_q = torch.arange(width, device=device)[None, :] >= n_new[:, None]  # [B, T]
     vis[:, :, 0] |= pad_q
     return vis[:, None]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from ..graph.model import Transformer
+from .executor import Executor
 from .kv_cache import KVCache
 from .request import Request
 from .sampling import make_generators, sample
@@ -55,6 +56,7 @@ def generate_ar(
     """Decode every request to its end; yields (request index, newly released text) per token."""
     params = requests[0].params
     generators = make_generators(params, len(requests), model.device)
+    executor = Executor(model, cache)
     rows, logits, extra_rows = prefill(model, cache, [r.prompt for r in requests], share_prefix)
     active = list(range(len(requests)))
     try:
@@ -67,8 +69,9 @@ def generate_ar(
                 return
             active = [active[j] for j in keep]
             step_rows = [rows[i] for i in active]
-            logits = model.forward(cache.make_step(step_rows, [[tokens[j]] for j in keep]), cache)
+            logits = executor.decode(step_rows, [tokens[j] for j in keep])
             cache.extend(step_rows, [1] * len(step_rows))
     finally:
         for row in rows + extra_rows:
             cache.free(row)
+        executor.close()

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 
 from ..graph.config import ModelConfig
-from ..graph.step import Step, build_mask, causal_tree, tree_depths
+from ..graph.step import Step, tree_depths
+from ..kernels.attention import tree_bits_from_mask
 
 
 class KVCacheError(RuntimeError):
@@ -32,7 +33,9 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        shape = (cfg.num_layers, rows, cfg.num_kv_heads, capacity, cfg.head_dim)
+        # One slot past the capacity is scratch: padding tokens write there, nothing reads it, so
+        # a write never needs a data-dependent shape (which CUDA-graph capture forbids).
+        shape = (cfg.num_layers, rows, cfg.num_kv_heads, capacity + 1, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
@@ -144,33 +147,31 @@ class KVCache:
         kv_len = int(ends.max())
         if tree is None:
             positions = starts[:, None] + torch.arange(width)[None, :]
-            tree = causal_tree(width)
         else:
-            positions = starts[:, None] + tree_depths(tree).expand(batch, width)
-        uniform_decode = width == 1 and bool((ends == kv_len).all())
-        mask = None if uniform_decode else build_mask(starts, n_new, tree, kv_len)
+            tree = tree.to(torch.bool).expand(batch, width, width)
+            positions = starts[:, None] + tree_depths(tree)
         rows_t = torch.tensor(list(rows), dtype=torch.long)
-        kv_rows, kv_slots = self._shared_index(rows, kv_len)
         dev = self.device
+        kv_rows = self._shared_rows(rows, kv_len)
         return Step(
             tokens=tok.to(dev),
             positions=positions.to(dev),
             rows=rows_t.to(dev),
             starts=starts.to(dev),
             n_new=n_new.to(dev),
-            mask=None if mask is None else mask.to(dev),
             kv_len=kv_len,
+            tree=None if tree is None else tree.to(dev),
+            tree_bits=None if tree is None or width > 64 else tree_bits_from_mask(tree).to(dev),
             kv_rows=None if kv_rows is None else kv_rows.to(dev),
-            kv_slots=None if kv_slots is None else kv_slots.to(dev),
             logits_at=(n_new - 1).to(dev) if logits == "last" else None,
             rows_contiguous=rows_t.tolist() == list(range(rows[0], rows[0] + batch)),
         )
 
-    def _shared_index(self, rows: Sequence[int], kv_len: int):
-        """[B, S] (row, slot) of every key each sequence reads, following borrowed prefixes; None
-        when no sequence of the step borrows."""
+    def _shared_rows(self, rows: Sequence[int], kv_len: int) -> torch.Tensor | None:
+        """[B, S] the row holding each slot each sequence reads, following borrowed prefixes;
+        None when no sequence of the step borrows."""
         if all(self.lender[r] is None for r in rows):
-            return None, None
+            return None
         kv_rows = torch.empty(len(rows), kv_len, dtype=torch.long)
         for b, row in enumerate(rows):
             kv_rows[b] = row
@@ -178,32 +179,34 @@ class KVCache:
             while self.lender[r] is not None:  # a fork of a fork reads through both lenders
                 r, n = self.lender[r]
                 kv_rows[b, :n] = r
-        kv_slots = torch.arange(kv_len).expand(len(rows), kv_len).contiguous()
-        return kv_rows, kv_slots
+        return kv_rows
 
     # --- the forward's interface (graph/model.py KVStore) -----------------------------------
     def write(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [B, T, Hkv, D] of the step's new tokens -> slots starts[b] + j of rows[b]."""
         batch, width = k.shape[:2]
-        s0 = int(step.starts[0])
-        if step.rows_contiguous and step.all_valid and bool((step.starts == s0).all()):
-            r0 = int(step.rows[0])
+        # Fast path: a block of rows all appending at the same slot is one slice assignment. It
+        # reads tensor values on the host, so static plans (rows_contiguous=False) never take it.
+        if step.rows_contiguous and step.all_valid and step.uniform_start is not None:
+            r0, s0 = int(step.rows[0]), step.uniform_start
             self.k[layer, r0 : r0 + batch, :, s0 : s0 + width] = k.transpose(1, 2)
             self.v[layer, r0 : r0 + batch, :, s0 : s0 + width] = v.transpose(1, 2)
             return
         j = torch.arange(width, device=k.device)
-        valid = j[None, :] < step.n_new[:, None]  # [B, T]
-        rows = step.rows[:, None].expand(batch, width)[valid]  # [N]
-        slots = (step.starts[:, None] + j[None, :])[valid]  # [N]
-        self.k[layer][rows, :, slots] = k[valid]
-        self.v[layer][rows, :, slots] = v[valid]
+        slots = torch.where(  # [B, T]; padding tokens (j >= n_new) go to the scratch slot
+            j[None, :] < step.n_new[:, None], step.starts[:, None] + j[None, :], self.capacity
+        )
+        rows = step.rows[:, None].expand(batch, width)
+        self.k[layer][rows, :, slots] = k
+        self.v[layer][rows, :, slots] = v
 
     def read(self, layer: int, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, Hkv, S, D] that the step's sequences may attend to."""
         kv_len = step.kv_len
         if step.kv_rows is not None:
-            k = self.k[layer][step.kv_rows, :, step.kv_slots]  # [B, S, Hkv, D]
-            v = self.v[layer][step.kv_rows, :, step.kv_slots]
+            slots = torch.arange(kv_len, device=self.device)
+            k = self.k[layer][step.kv_rows, :, slots]  # [B, S, Hkv, D]
+            v = self.v[layer][step.kv_rows, :, slots]
             return k.transpose(1, 2), v.transpose(1, 2)
         if step.rows_contiguous:
             r0 = int(step.rows[0])

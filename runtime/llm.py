@@ -106,7 +106,8 @@ class LLM:
         return requests
 
     def _cache_for(self, requests: list[Request]) -> KVCache:
-        rows = len(requests) + 1  # +1: the row a shared prompt prefix is prefilled into
+        # +2: the row a shared prompt prefix is prefilled into, and the static plans' scratch row
+        rows = len(requests) + 2
         need = max(len(r.prompt) + r.params.max_new_tokens for r in requests)
         c = self._cache
         if c is None or len(c.lengths) < rows or c.capacity < need:

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
-from tiny_models import TINY_CONFIGS, make_hf_model, save_hf_model
+import os
+
+import torch
+
+# Triton decides at decoration time whether a kernel is compiled or interpreted, and importing
+# treadle.graph imports the kernels: without a GPU, interpret every kernel, set before any import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from tiny_models import TINY_CONFIGS, make_hf_model, save_hf_model  # noqa: E402
 
 
 @pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))

@@ -1,0 +1,88 @@
+"""Backends: which implementation of each op the forward runs, chosen once when a model is built.
+
+TORCH runs every op's pure-torch `_ref` (the CPU backend, and a reference on a GPU). TRITON runs the
+Triton kernels (CUDA; in tests, the interpreter with TRITON_INTERPRET=1). Weight products use
+torch/cuBLAS on the GPU and numpy's BLAS on the CPU (kernels/linear.py says why).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from ..kernels import attention, rmsnorm, rope, swiglu
+from ..kernels.linear import linear_cpu, linear_ref
+from .weights import Linear
+
+
+class Backend(str, Enum):
+    TORCH = "torch"
+    TRITON = "triton"
+
+    @classmethod
+    def default_for(cls, device: torch.device | str) -> Backend:
+        return cls.TRITON if torch.device(device).type == "cuda" else cls.TORCH
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The op table of one backend. Shapes: x [..., d]; q/k [B, T, H, D]; cache rows as in
+    runtime/kv_cache.py."""
+
+    backend: Backend
+    rmsnorm: Callable  # (x, weight, eps) -> y
+    add_rmsnorm: Callable  # (x, residual, weight, eps) -> (rmsnorm(x + residual), x + residual)
+    rope: Callable  # (x, positions [B, T], cos_table, sin_table) -> rotated x (maybe in place)
+    swiglu: Callable  # (gate_up [..., 2F]) -> [..., F]
+    attention: Callable  # (q [B, T, H, D], cache, layer, step) -> [B, T, H, D]
+    linear: Callable  # (x [..., in], Linear) -> [..., out]
+
+
+def _linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
+    if lin.host is not None:
+        return linear_cpu(x, lin.host, lin.bias)
+    return linear_ref(x, lin.weight, lin.bias)
+
+
+def _rope_ref(x, positions, cos_table, sin_table):
+    return rope.rope_ref(x, cos_table[positions], sin_table[positions])
+
+
+def _attention_ref(q, cache, layer, step):
+    keys, values = cache.read(layer, step)  # [B, Hkv, S, D]
+    return attention.attention_ref(q.transpose(1, 2), keys, values, step.mask).transpose(1, 2)
+
+
+def _attention_triton(q, cache, layer, step):
+    return attention.tree_attention(
+        q, cache.k[layer], cache.v[layer], step.rows, step.starts, step.n_new, step.tree_bits,
+        step.kv_rows, kv_len=step.kv_len,
+    )
+
+
+TORCH_OPS = Ops(
+    backend=Backend.TORCH,
+    rmsnorm=rmsnorm.rmsnorm_ref,
+    add_rmsnorm=rmsnorm.add_rmsnorm_ref,
+    rope=_rope_ref,
+    swiglu=swiglu.swiglu_ref,
+    attention=_attention_ref,
+    linear=_linear,
+)
+
+TRITON_OPS = Ops(
+    backend=Backend.TRITON,
+    rmsnorm=rmsnorm.rmsnorm,
+    add_rmsnorm=rmsnorm.add_rmsnorm,
+    rope=rope.rope_,
+    swiglu=swiglu.swiglu,
+    attention=_attention_triton,
+    linear=_linear,
+)
+
+
+def ops_for(backend: Backend | str) -> Ops:
+    return {Backend.TORCH: TORCH_OPS, Backend.TRITON: TRITON_OPS}[Backend(backend)]

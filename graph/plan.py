@@ -1,0 +1,136 @@
+"""Static execution plans: a fixed-shape step, its preallocated buffers, and its ops in order.
+
+A plan is built once per (method step, batch bucket, width) and only replayed afterwards: the
+executor (runtime/executor.py) copies a step's inputs into the plan's buffers and runs the ops, as
+one CUDA graph on a GPU. Every shape is fixed at build time, so
+  - the batch is padded to a bucket (padding sequences write into a scratch cache row),
+  - attention reads up to the cache capacity (the kernels mask past each sequence's end), and
+  - a tree is padded to its envelope (padding nodes are invisible and never accepted).
+On the CPU there is no launch overhead to amortise and exact shapes are cheaper, so the executor
+runs eagerly there and needs no plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from .backend import Backend
+from .step import Step
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class StepKind(str, Enum):
+    DECODE = "decode"  # one new token per sequence -> next-token logits
+    VERIFY = "verify"  # a token tree per sequence -> logits at every node
+
+
+# The ordered ops of each step kind (what the executor runs, and captures as one graph).
+STEP_OPS = {
+    StepKind.DECODE: ("embed", "layers", "final_norm", "lm_head"),
+    StepKind.VERIFY: ("embed", "layers (tree attention)", "final_norm", "lm_head"),
+}
+
+
+def batch_bucket(batch: int) -> int:
+    for b in BATCH_BUCKETS:
+        if batch <= b:
+            return b
+    raise ValueError(f"batch {batch} exceeds the largest plan bucket {BATCH_BUCKETS[-1]}")
+
+
+@dataclass
+class StepPlan:
+    kind: StepKind
+    backend: Backend
+    batch: int  # the bucket: sequences per replay (real ones first, padding after)
+    width: int  # new tokens per sequence: 1 (decode) or the tree envelope (verify)
+    capacity: int  # cache slots a sequence may read: the static kv_len
+    step: Step  # the forward's input, made of views of the static buffers
+    logits: torch.Tensor  # [batch, V] (decode) or [batch, width, V] (verify): output buffer
+    ops: tuple[str, ...]
+    graph: object | None = None  # torch.cuda.CUDAGraph once captured
+
+    def load(
+        self,
+        rows: list[int],
+        starts: list[int],
+        tokens: torch.Tensor,  # [b, width] int64, b <= batch
+        tree: torch.Tensor | None = None,  # [b, width, width] bool (verify)
+        n_new: list[int] | None = None,  # valid nodes per sequence (verify; default: width)
+        scratch_row: int = 0,
+    ) -> None:
+        """Copy one step's inputs into the buffers; padding sequences point at `scratch_row`."""
+        b = len(rows)
+        s = self.step
+        s.refilled()
+        dev = s.tokens.device
+        s.rows.fill_(scratch_row)
+        s.rows[:b] = torch.as_tensor(rows, device=dev)
+        s.starts.zero_()
+        s.starts[:b] = torch.as_tensor(starts, device=dev)
+        s.n_new.fill_(self.width)
+        if n_new is not None:
+            s.n_new[:b] = torch.as_tensor(n_new, device=dev)
+        s.tokens.zero_()
+        s.tokens[:b] = tokens.to(dev)
+        if self.kind is StepKind.DECODE:
+            s.positions.copy_(s.starts[:, None])
+            return
+        from ..kernels.attention import tree_bits_from_mask
+
+        full = torch.eye(self.width, dtype=torch.bool, device=dev).expand(self.batch, -1, -1)
+        full = full.clone()
+        full[:b] = tree.to(dev)
+        s.tree.copy_(full)
+        s.tree_bits.copy_(tree_bits_from_mask(full))
+        s.positions.copy_(s.starts[:, None] + (full.sum(-1) - 1))
+
+
+def build_step_plan(
+    kind: StepKind,
+    backend: Backend,
+    batch: int,
+    width: int,
+    capacity: int,
+    vocab_size: int,
+    device: torch.device | str,
+) -> StepPlan:
+    """Preallocate every buffer of a fixed-shape step."""
+    if kind is StepKind.DECODE and width != 1:
+        raise ValueError("a decode step has width 1")
+    if kind is StepKind.VERIFY and not 1 <= width <= 64:
+        raise ValueError(f"a verify tree envelope must hold 1..64 nodes, got {width}")
+
+    def buf(*shape, dtype=torch.long):
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    tree = tree_bits = None
+    if kind is StepKind.VERIFY:
+        tree = buf(batch, width, width, dtype=torch.bool)
+        tree_bits = buf(batch, width)
+    step = Step(
+        tokens=buf(batch, width),
+        positions=buf(batch, width),
+        rows=buf(batch),
+        starts=buf(batch),
+        n_new=buf(batch),
+        kv_len=capacity,
+        tree=tree,
+        tree_bits=tree_bits,
+        logits_at=buf(batch) if kind is StepKind.DECODE else None,  # index 0: the one new token
+    )
+    shape = (batch, vocab_size) if kind is StepKind.DECODE else (batch, width, vocab_size)
+    return StepPlan(
+        kind=kind,
+        backend=backend,
+        batch=batch,
+        width=width,
+        capacity=capacity,
+        step=step,
+        logits=buf(*shape, dtype=torch.float32),
+        ops=STEP_OPS[kind],
+    )

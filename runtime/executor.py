@@ -1,0 +1,122 @@
+"""Runs a model's forward steps: eagerly with exact shapes, or by replaying static plans.
+
+Static plans (graph/plan.py) are the GPU path: each (step kind, batch bucket, width) is built once,
+captured as a CUDA graph on first use, and replayed with new inputs copied into its buffers, so a
+decode or verify step costs one graph launch instead of hundreds of kernel launches. On the CPU the
+executor runs the forward directly on exact shapes (no launch overhead to amortise there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..graph.model import Transformer
+from ..graph.plan import StepKind, StepPlan, batch_bucket, build_step_plan
+from .kv_cache import KVCache, KVCacheError
+
+
+class Executor:
+    def __init__(
+        self,
+        model: Transformer,
+        cache: KVCache,
+        static: bool | None = None,  # default: static plans on CUDA, eager elsewhere
+        cuda_graphs: bool | None = None,  # default: capture static plans on CUDA
+    ):
+        on_cuda = model.device.type == "cuda"
+        self.model, self.cache = model, cache
+        self.static = on_cuda if static is None else static
+        self.cuda_graphs = self.static and on_cuda if cuda_graphs is None else cuda_graphs
+        self.plans: dict[tuple[StepKind, int, int], StepPlan] = {}
+        # Padding sequences of a bucket write their K/V into this row, which nothing reads.
+        self.scratch_row = cache.allocate() if self.static else None
+
+    def close(self) -> None:
+        if self.scratch_row is not None:
+            self.cache.free(self.scratch_row)
+            self.scratch_row = None
+
+    # --- steps ------------------------------------------------------------------------------
+    def decode(self, rows: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        """One new token per sequence -> next-token logits [B, V] (K/V written, not yet kept)."""
+        if not self.static or self._borrows(rows):
+            step = self.cache.make_step(rows, [[t] for t in tokens])
+            return self.model.forward(step, self.cache)
+        plan = self._plan(StepKind.DECODE, len(rows), 1)
+        plan.load(list(rows), self._starts(rows, 1), torch.tensor(tokens)[:, None],
+                  scratch_row=self.scratch_row)
+        self._run(plan)
+        return plan.logits[: len(rows)]
+
+    def verify(
+        self,
+        rows: Sequence[int],
+        tokens: torch.Tensor,  # [B, N] int64 tree nodes (padded)
+        tree: torch.Tensor,  # [B, N, N] bool visibility (node sees itself and its ancestors)
+        n_nodes: Sequence[int],
+    ) -> torch.Tensor:  # [B, N, V] logits at every node
+        """A token tree per sequence in one step (K/V of every node written at starts + i)."""
+        width = tokens.shape[1]
+        if not self.static or self._borrows(rows):
+            toks = [tokens[b, :n].tolist() for b, n in enumerate(n_nodes)]
+            trees = torch.zeros(len(rows), width, width, dtype=torch.bool)
+            trees[:] = torch.eye(width, dtype=torch.bool)
+            for b, n in enumerate(n_nodes):
+                trees[b, :n, :n] = tree[b, :n, :n]
+            step = self.cache.make_step(rows, toks, tree=trees[:, : max(n_nodes), : max(n_nodes)],
+                                        logits="all")
+            return self.model.forward(step, self.cache)
+        plan = self._plan(StepKind.VERIFY, len(rows), width)
+        plan.load(list(rows), self._starts(rows, width), tokens, tree=tree, n_new=list(n_nodes),
+                  scratch_row=self.scratch_row)
+        self._run(plan)
+        return plan.logits[: len(rows)]
+
+    # --- plans ------------------------------------------------------------------------------
+    def _borrows(self, rows: Sequence[int]) -> bool:
+        # Prefix-sharing reads follow per-slot row tables; those steps run eagerly.
+        return any(self.cache.lender[r] is not None for r in rows)
+
+    def _starts(self, rows: Sequence[int], width: int) -> list[int]:
+        starts = [self.cache.lengths[r] for r in rows]
+        for r, s in zip(rows, starts):
+            if s + width > self.cache.capacity:
+                raise KVCacheError(
+                    f"KV cache exhausted: row {r} holds {s} tokens and the step adds {width}, "
+                    f"past its capacity of {self.cache.capacity}"
+                )
+        return starts
+
+    def _plan(self, kind: StepKind, batch: int, width: int) -> StepPlan:
+        key = (kind, batch_bucket(batch), width)
+        if key not in self.plans:
+            self.plans[key] = build_step_plan(
+                kind, self.model.ops.backend, key[1], width, self.cache.capacity,
+                self.model.cfg.vocab_size, self.model.device,
+            )
+        return self.plans[key]
+
+    def _forward_into(self, plan: StepPlan) -> None:
+        plan.logits.copy_(self.model.forward(plan.step, self.cache))
+
+    def _run(self, plan: StepPlan) -> None:
+        if plan.graph is not None:
+            plan.graph.replay()
+            return
+        if not self.cuda_graphs:
+            self._forward_into(plan)
+            return
+        # Warm up on a side stream (compiles the Triton kernels), then capture. The warm-up
+        # writes the same K/V the replay will, into the same slots.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward_into(plan)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._forward_into(plan)
+        plan.graph = graph
+        graph.replay()
