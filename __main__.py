@@ -8,6 +8,7 @@ import sys
 
 def _generate(args) -> int:
     from . import SamplingParams, load
+    from .runtime.methods import AR
 
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -17,8 +18,9 @@ def _generate(args) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
     )
+    method = _method(args)
     llm = load(args.model, dtype=args.dtype, device=args.device)
-    for piece in llm.stream(args.prompt, params, chat=args.chat, system=args.system):
+    for piece in llm.stream(args.prompt, params, chat=args.chat, system=args.system, method=method):
         sys.stdout.write(piece)
         sys.stdout.flush()
     done = llm.last_completion
@@ -27,7 +29,19 @@ def _generate(args) -> int:
         f"{done.tokens_per_second:.1f} tokens/s, prompt {done.prompt_tokens} tokens, "
         f"finish: {done.finish_reason}]"
     )
+    if not isinstance(method, AR):
+        print(f"[{done.stats.summary()}]")
     return 0
+
+
+def _method(args):
+    from .runtime.methods import AR, SelfSpec, SkipDecode
+
+    if args.method == "ar":
+        return AR()
+    if args.method == "skipdecode":
+        return SkipDecode(speedup=args.skip_speedup, warmup_layers=args.warmup_layers)
+    return SelfSpec(k=args.k, draft_speedup=args.skip_speedup, warmup_layers=args.warmup_layers)
 
 
 def _convert(args) -> int:
@@ -62,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--method", default="ar", choices=["ar", "skipdecode", "selfspec"])
+    gen.add_argument("--skip-speedup", type=float, default=2.0,
+                     help="skipdecode: total layers / mean layers per token; selfspec: the draft's")
+    gen.add_argument("--warmup-layers", type=int, default=2,
+                     help="skipdecode/selfspec: lower layers every token runs")
+    gen.add_argument("-k", "--k", type=int, default=4, help="selfspec: draft tokens per step")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(run=_generate)

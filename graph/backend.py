@@ -57,6 +57,10 @@ def _attention_ref(q, cache, layer, step):
 
 
 def _attention_triton(q, cache, layer, step):
+    if step.tree is not None and step.tree_bits is None:
+        # A tree over a pending window wider than the step (GSD's level-by-level draft) has no
+        # bit form in the kernel yet: those draft steps attend with the reference.
+        return _attention_ref(q, cache, layer, step)
     return attention.tree_attention(
         q, cache.k[layer], cache.v[layer], step.rows, step.starts, step.n_new, step.tree_bits,
         step.kv_rows, kv_len=step.kv_len,

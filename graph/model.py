@@ -61,16 +61,19 @@ class Transformer:
         cache: KVStore,
         layers: Sequence[int] | None = None,
         input_embeds: torch.Tensor | None = None,
+        start: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [B, T, d] residual stream after the last layer run (before the norm)
         """Run `layers` (default: all, in order) over the step's new tokens, writing their K/V.
 
         input_embeds [B, T, d], if given, is added to the token embeddings (LLM-to-SLM's projector).
+        start [B, T, d], if given, is the residual stream to continue from instead of the
+        embeddings (a step that resumes where an earlier partial step stopped).
         """
         cfg, w, ops = self.cfg, self.weights, self.ops
         eps = cfg.rms_norm_eps
         batch, width = step.tokens.shape
         layers = list(self.all_layers if layers is None else layers)
-        h = F.embedding(step.tokens, w.embed)  # [B, T, d]
+        h = F.embedding(step.tokens, w.embed) if start is None else start  # [B, T, d]
         if input_embeds is not None:
             h = h + input_embeds.to(h.dtype)
         n_qk = cfg.num_heads + cfg.num_kv_heads

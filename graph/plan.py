@@ -52,6 +52,7 @@ class StepPlan:
     step: Step  # the forward's input, made of views of the static buffers
     logits: torch.Tensor  # [batch, V] (decode) or [batch, width, V] (verify): output buffer
     ops: tuple[str, ...]
+    layers: tuple[int, ...] | None = None  # the layers the step runs (SkipDecode); None = all
     graph: object | None = None  # torch.cuda.CUDAGraph once captured
 
     def load(
@@ -98,6 +99,7 @@ def build_step_plan(
     capacity: int,
     vocab_size: int,
     device: torch.device | str,
+    layers: tuple[int, ...] | None = None,
 ) -> StepPlan:
     """Preallocate every buffer of a fixed-shape step."""
     if kind is StepKind.DECODE and width != 1:
@@ -133,4 +135,5 @@ def build_step_plan(
         step=step,
         logits=buf(*shape, dtype=torch.float32),
         ops=STEP_OPS[kind],
+        layers=layers,
     )

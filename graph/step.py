@@ -28,7 +28,12 @@ class Step:
     starts: torch.Tensor  # [B] int64 committed length = first slot written by this step
     n_new: torch.Tensor  # [B] int64 valid new tokens per sequence (<= T)
     kv_len: int  # S = max(starts + n_new): cache slots read by this step
-    tree: torch.Tensor | None = None  # [B, T, T] bool visibility among new tokens; None = causal
+    # [B, T, W] bool: new token i sees pending slot starts + j iff tree[b, i, j] (W >= T). Usually
+    # the pending slots are the step's own new tokens (W = T); a step that grows a tree level by
+    # level (GSD's draft) also sees nodes written by earlier steps. None = causal among new tokens.
+    tree: torch.Tensor | None = None
+    # [B, T] the slot each new token is written to; None = starts + i (the usual layout)
+    slots: torch.Tensor | None = None
     # [B, T] int64 the same visibility as bits (bit j of row i set iff i sees j; T <= 64), the
     # Triton kernel's form; a plain field so a static plan can point it at a buffer it refills.
     tree_bits: torch.Tensor | None = None
@@ -67,8 +72,11 @@ class Step:
         every token sees every slot (single-token decode with all sequences ending at S)."""
         if self.width == 1 and bool((self.starts + 1 == self.kv_len).all()):
             return None
-        tree = causal_tree(self.width).to(self.starts.device) if self.tree is None else self.tree
-        return build_mask(self.starts, self.n_new, tree, self.kv_len)
+        if self.tree is None:
+            tree = causal_tree(self.width).to(self.starts.device).expand(self.batch, -1, -1)
+            # Padding tokens (j >= n_new) are never visible to real ones: causal j <= i < n_new.
+            return build_mask(self.starts, self.n_new, tree, self.kv_len)
+        return build_mask(self.starts, self.n_new, self.tree, self.kv_len)
 
 
 def causal_tree(width: int) -> torch.Tensor:
@@ -97,19 +105,18 @@ def tree_depths(tree: torch.Tensor) -> torch.Tensor:
 def build_mask(
     starts: torch.Tensor,  # [B]
     n_new: torch.Tensor,  # [B]
-    tree: torch.Tensor,  # [T, T] or [B, T, T] bool
+    tree: torch.Tensor,  # [B, T, W] bool visibility of pending slots starts + j
     kv_len: int,
 ) -> torch.Tensor:  # [B, 1, T, S] bool
     """Visibility of cache slots for every new token (see the module docstring)."""
-    batch, width = starts.shape[0], tree.shape[-1]
+    batch, width, window = tree.shape
     device = starts.device
     slot = torch.arange(kv_len, device=device)  # [S]
-    rel = slot[None, :] - starts[:, None]  # [B, S] index of the slot among the new tokens
+    rel = slot[None, :] - starts[:, None]  # [B, S] index of the slot in the pending window
     prefix = rel < 0  # [B, S]
-    is_new = (rel >= 0) & (rel < n_new[:, None])  # [B, S]
-    tree = tree.expand(batch, width, width)
+    pending = (rel >= 0) & (rel < window)  # [B, S]
     new_vis = torch.zeros(batch, width, kv_len, dtype=torch.bool, device=device)
-    b_idx, s_idx = torch.nonzero(is_new, as_tuple=True)
+    b_idx, s_idx = torch.nonzero(pending, as_tuple=True)
     new_vis[b_idx, :, s_idx] = tree[b_idx, :, rel[b_idx, s_idx]]
     vis = prefix[:, None, :] | new_vis  # [B, T, S]
     # Padding queries (i >= n_new) see slot 0 so their softmax stays finite; their output is unused.

@@ -6,13 +6,14 @@ prefilled once: the common prefix goes into one cache row that the sequences' ro
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from ..graph.model import Transformer
 from .executor import Executor
 from .kv_cache import KVCache
 from .request import Request
 from .sampling import make_generators, sample
+from .stats import DecodeStats
 
 # Below this many common tokens a shared prefill row costs more bookkeeping than it saves.
 MIN_SHARED_PREFIX = 8
@@ -51,26 +52,46 @@ def prefill(
 
 
 def generate_ar(
-    model: Transformer, cache: KVCache, requests: list[Request], share_prefix: bool = True
+    model: Transformer,
+    cache: KVCache,
+    requests: list[Request],
+    share_prefix: bool = True,
+    layers_at: Callable[[int], list[int]] | None = None,
+    stats: DecodeStats | None = None,
 ) -> Iterator[tuple[int, str]]:
-    """Decode every request to its end; yields (request index, newly released text) per token."""
+    """Decode every request to its end; yields (request index, newly released text) per token.
+
+    layers_at(t), if given, is the layer list of decode step t (t = 0 produces the second
+    generated token): SkipDecode's schedule. The prompt always runs every layer.
+    """
     params = requests[0].params
     generators = make_generators(params, len(requests), model.device)
     executor = Executor(model, cache)
     rows, logits, extra_rows = prefill(model, cache, [r.prompt for r in requests], share_prefix)
     active = list(range(len(requests)))
+    step, n_layers = 0, model.cfg.num_layers
+    layers = None
     try:
         while True:
             tokens = sample(logits, params, [generators[i] for i in active])
             for i, tok in zip(active, tokens):
                 yield i, requests[i].push(tok)
+            if stats is not None:
+                stats.generated_tokens += len(active)
+                # The first token comes from the prompt's full-depth step.
+                ran = n_layers if layers is None else len(layers)
+                stats.layers_computed += len(active) * ran
             keep = [j for j, i in enumerate(active) if not requests[i].finished]
             if not keep:
                 return
             active = [active[j] for j in keep]
             step_rows = [rows[i] for i in active]
-            logits = executor.decode(step_rows, [tokens[j] for j in keep])
+            layers = None if layers_at is None else layers_at(step)
+            logits = executor.decode(step_rows, [tokens[j] for j in keep], layers)
             cache.extend(step_rows, [1] * len(step_rows))
+            step += 1
+            if stats is not None:
+                stats.steps += 1
     finally:
         for row in rows + extra_rows:
             cache.free(row)

@@ -29,7 +29,7 @@ class Executor:
         self.model, self.cache = model, cache
         self.static = on_cuda if static is None else static
         self.cuda_graphs = self.static and on_cuda if cuda_graphs is None else cuda_graphs
-        self.plans: dict[tuple[StepKind, int, int], StepPlan] = {}
+        self.plans: dict[tuple, StepPlan] = {}  # (kind, bucket, width, layers) -> plan
         # Padding sequences of a bucket write their K/V into this row, which nothing reads.
         self.scratch_row = cache.allocate() if self.static else None
 
@@ -39,12 +39,17 @@ class Executor:
             self.scratch_row = None
 
     # --- steps ------------------------------------------------------------------------------
-    def decode(self, rows: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+    def decode(
+        self,
+        rows: Sequence[int],
+        tokens: Sequence[int],
+        layers: Sequence[int] | None = None,  # a SkipDecode layer list; None = every layer
+    ) -> torch.Tensor:
         """One new token per sequence -> next-token logits [B, V] (K/V written, not yet kept)."""
         if not self.static or self._borrows(rows):
             step = self.cache.make_step(rows, [[t] for t in tokens])
-            return self.model.forward(step, self.cache)
-        plan = self._plan(StepKind.DECODE, len(rows), 1)
+            return self.model.forward(step, self.cache, layers)
+        plan = self._plan(StepKind.DECODE, len(rows), 1, layers)
         plan.load(list(rows), self._starts(rows, 1), torch.tensor(tokens)[:, None],
                   scratch_row=self.scratch_row)
         self._run(plan)
@@ -89,17 +94,19 @@ class Executor:
                 )
         return starts
 
-    def _plan(self, kind: StepKind, batch: int, width: int) -> StepPlan:
-        key = (kind, batch_bucket(batch), width)
+    def _plan(
+        self, kind: StepKind, batch: int, width: int, layers: Sequence[int] | None = None
+    ) -> StepPlan:
+        key = (kind, batch_bucket(batch), width, None if layers is None else tuple(layers))
         if key not in self.plans:
             self.plans[key] = build_step_plan(
                 kind, self.model.ops.backend, key[1], width, self.cache.capacity,
-                self.model.cfg.vocab_size, self.model.device,
+                self.model.cfg.vocab_size, self.model.device, layers=key[3],
             )
         return self.plans[key]
 
     def _forward_into(self, plan: StepPlan) -> None:
-        plan.logits.copy_(self.model.forward(plan.step, self.cache))
+        plan.logits.copy_(self.model.forward(plan.step, self.cache, plan.layers))
 
     def _run(self, plan: StepPlan) -> None:
         if plan.graph is not None:

@@ -117,11 +117,15 @@ class KVCache:
         tokens: Sequence[Sequence[int]] | torch.Tensor,
         tree: torch.Tensor | None = None,
         logits: str = "last",
+        positions: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
     ) -> Step:
         """The Step that appends `tokens[i]` after the committed tokens of `rows[i]`.
 
-        tree: [T, T] or [B, T, T] visibility among the new tokens (see graph/step.py); None means
-        causal. logits: "last" (each sequence's last new token) or "all".
+        tree: [T, T] or [B, T, T] visibility among the new tokens (see graph/step.py), or
+        [B, T, W] over a pending window of W >= T slots when `slots` places the new tokens inside
+        it (positions must then be given); None means causal. logits: "last" (each sequence's
+        last new token) or "all".
         """
         batch = len(rows)
         if isinstance(tokens, torch.Tensor):
@@ -136,7 +140,8 @@ class KVCache:
         if int(n_new.min()) < 1:
             raise KVCacheError("every sequence of a step needs at least one new token")
         starts = torch.tensor([self.lengths[r] for r in rows], dtype=torch.long)
-        ends = starts + n_new
+        window = n_new if tree is None or slots is None else torch.full_like(n_new, tree.shape[-1])
+        ends = starts + window
         for r, end in zip(rows, ends.tolist()):
             if end > self.capacity:
                 raise KVCacheError(
@@ -145,11 +150,15 @@ class KVCache:
                     "(raise max_seq_len when loading the model)"
                 )
         kv_len = int(ends.max())
-        if tree is None:
-            positions = starts[:, None] + torch.arange(width)[None, :]
-        else:
-            tree = tree.to(torch.bool).expand(batch, width, width)
-            positions = starts[:, None] + tree_depths(tree)
+        if tree is not None:
+            tree = tree.to(torch.bool).expand(batch, width, tree.shape[-1])
+        if positions is None:
+            if slots is not None:
+                raise KVCacheError("a step with explicit slots needs explicit positions")
+            if tree is None:
+                positions = starts[:, None] + torch.arange(width)[None, :]
+            else:
+                positions = starts[:, None] + tree_depths(tree)
         rows_t = torch.tensor(list(rows), dtype=torch.long)
         dev = self.device
         kv_rows = self._shared_rows(rows, kv_len)
@@ -161,7 +170,12 @@ class KVCache:
             n_new=n_new.to(dev),
             kv_len=kv_len,
             tree=None if tree is None else tree.to(dev),
-            tree_bits=None if tree is None or width > 64 else tree_bits_from_mask(tree).to(dev),
+            tree_bits=(
+                tree_bits_from_mask(tree).to(dev)
+                if tree is not None and slots is None and width <= 64 and tree.shape[-1] == width
+                else None
+            ),
+            slots=None if slots is None else slots.to(dev, torch.long),
             kv_rows=None if kv_rows is None else kv_rows.to(dev),
             logits_at=(n_new - 1).to(dev) if logits == "last" else None,
             rows_contiguous=rows_t.tolist() == list(range(rows[0], rows[0] + batch)),
@@ -187,14 +201,16 @@ class KVCache:
         batch, width = k.shape[:2]
         # Fast path: a block of rows all appending at the same slot is one slice assignment. It
         # reads tensor values on the host, so static plans (rows_contiguous=False) never take it.
-        if step.rows_contiguous and step.all_valid and step.uniform_start is not None:
+        if (step.slots is None and step.rows_contiguous and step.all_valid
+                and step.uniform_start is not None):
             r0, s0 = int(step.rows[0]), step.uniform_start
             self.k[layer, r0 : r0 + batch, :, s0 : s0 + width] = k.transpose(1, 2)
             self.v[layer, r0 : r0 + batch, :, s0 : s0 + width] = v.transpose(1, 2)
             return
         j = torch.arange(width, device=k.device)
+        placed = step.starts[:, None] + j[None, :] if step.slots is None else step.slots
         slots = torch.where(  # [B, T]; padding tokens (j >= n_new) go to the scratch slot
-            j[None, :] < step.n_new[:, None], step.starts[:, None] + j[None, :], self.capacity
+            j[None, :] < step.n_new[:, None], placed, self.capacity
         )
         rows = step.rows[:, None].expand(batch, width)
         self.k[layer][rows, :, slots] = k

@@ -14,10 +14,11 @@ from ..graph.model import Transformer
 from ..graph.weights import ModelWeights
 from ..loaders.safetensors_weights import read_state_dict
 from ..loaders.tokenizer import Tokenizer
-from .ar import generate_ar
 from .kv_cache import KVCache
+from .methods import AR, Method, run_method, slack_slots
 from .request import Request
 from .sampling import SamplingParams
+from .stats import DecodeStats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,6 +34,7 @@ class Completion:
     prompt_tokens: int
     finish_reason: str  # "eos" | "stop" | "length"
     seconds: float  # wall time of the whole call (prefill + decode), shared by a batch
+    stats: DecodeStats  # the whole call's figures (shared by a batch)
 
     @property
     def tokens_per_second(self) -> float:
@@ -105,14 +107,23 @@ class LLM:
             requests.append(Request(ids, req_params, self.eos_ids, decoder))
         return requests
 
-    def _cache_for(self, requests: list[Request]) -> KVCache:
+    def _cache_for(self, requests: list[Request], slack: int = 0) -> KVCache:
         # +2: the row a shared prompt prefix is prefilled into, and the static plans' scratch row
         rows = len(requests) + 2
-        need = max(len(r.prompt) + r.params.max_new_tokens for r in requests)
+        need = max(len(r.prompt) + r.params.max_new_tokens for r in requests) + slack
         c = self._cache
         if c is None or len(c.lengths) < rows or c.capacity < need:
             c = self._cache = KVCache(self.config, rows, need, self.model.dtype, self.model.device)
         return c
+
+    def _run(self, requests: list[Request], method: Method, stats: DecodeStats):
+        """(request index, new text) pairs of one generation, timed into `stats`."""
+        cache = self._cache_for(requests, slack_slots(method))
+        t0 = time.perf_counter()
+        try:
+            yield from run_method(method, self.model, cache, requests, stats)
+        finally:
+            stats.seconds = time.perf_counter() - t0
 
     # --- generation -------------------------------------------------------------------------
     def stream(
@@ -121,16 +132,15 @@ class LLM:
         params: SamplingParams | None = None,
         chat: bool = False,
         system: str | None = None,
+        method: Method = AR(),
     ) -> Iterator[str]:
         """Text of one completion, piece by piece as it is produced."""
         requests = self._requests([prompt], params or SamplingParams(), chat, system)
-        t0 = time.perf_counter()
-        for _, text in generate_ar(self.model, self._cache_for(requests), requests):
+        stats = DecodeStats(method.name)
+        for _, text in self._run(requests, method, stats):
             if text:
                 yield text
-        r = requests[0]
-        seconds = time.perf_counter() - t0
-        self.last_completion = Completion(r.text, r.tokens, len(r.prompt), r.finish_reason, seconds)
+        self.last_completion = _completion(requests[0], stats)
 
     def generate(
         self,
@@ -138,6 +148,7 @@ class LLM:
         params: SamplingParams | None = None,
         chat: bool = False,
         system: str | None = None,
+        method: Method = AR(),
     ) -> Completion | list[Completion]:
         """Complete one prompt (returns a Completion) or a batch (returns a list, in order)."""
         if not isinstance(prompts, str) and len(prompts) == 0:
@@ -145,16 +156,17 @@ class LLM:
         single = isinstance(prompts, str) or isinstance(prompts[0], int)
         batch = [prompts] if single else list(prompts)
         requests = self._requests(batch, params or SamplingParams(), chat, system)
-        t0 = time.perf_counter()
+        stats = DecodeStats(method.name)
         # No autograd state to avoid (no weight requires grad), and no inference_mode: the cache
         # outlives the call and must stay writable by later calls made outside such a mode.
-        for _ in generate_ar(self.model, self._cache_for(requests), requests):
+        for _ in self._run(requests, method, stats):
             pass
-        seconds = time.perf_counter() - t0
-        out = [
-            Completion(r.text, r.tokens, len(r.prompt), r.finish_reason, seconds) for r in requests
-        ]
+        out = [_completion(r, stats) for r in requests]
         return out[0] if single else out
+
+
+def _completion(r: Request, stats: DecodeStats) -> Completion:
+    return Completion(r.text, r.tokens, len(r.prompt), r.finish_reason, stats.seconds, stats)
 
 
 def _replace(params: SamplingParams, **changes) -> SamplingParams:

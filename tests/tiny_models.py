@@ -66,11 +66,13 @@ TINY_CONFIGS = {
 }
 
 
-def make_hf_model(name: str, vocab_size: int = 211, seed: int = 0):
+def make_hf_model(name: str, vocab_size: int = 211, seed: int = 0, num_layers: int | None = None):
     """A random `transformers` model for the named tiny config (fp32, eval mode)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     raw = dict(TINY_CONFIGS[name])
+    if num_layers is not None:
+        raw["num_hidden_layers"] = num_layers
     model_type = raw.pop("model_type")
     config = AutoConfig.for_model(
         model_type,
@@ -99,3 +101,17 @@ def save_hf_model(model, path: Path) -> Path:
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["model_type"] in ("llama", "qwen2", "mistral")
     return path
+
+
+def load_tiny(name: str, path, vocab_size: int = 211, seed: int = 0, num_layers: int | None = None,
+              max_positions: int = 256):
+    """A treadle Transformer over a fresh tiny random checkpoint saved at `path`."""
+    from treadle.graph.config import ModelConfig
+    from treadle.graph.model import Transformer
+    from treadle.graph.weights import ModelWeights
+    from treadle.loaders.safetensors_weights import read_state_dict
+
+    save_hf_model(make_hf_model(name, vocab_size, seed, num_layers), path)
+    cfg = ModelConfig.from_json(path)
+    return Transformer(cfg, ModelWeights.from_state_dict(read_state_dict(path, cfg), cfg),
+                       max_positions)

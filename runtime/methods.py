@@ -1,0 +1,88 @@
+"""The decoding methods a request can ask for, as data, and the one place that runs them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..graph.model import Transformer
+from ..graph.skip import SkipSchedule
+from .ar import generate_ar
+from .kv_cache import KVCache
+from .request import Request
+from .skipdecode import generate_selfspec
+from .stats import DecodeStats
+
+
+@dataclass(frozen=True)
+class AR:
+    """Plain autoregressive decoding (the baseline)."""
+
+    name = "ar"
+
+
+@dataclass(frozen=True)
+class SkipDecode:
+    """SkipDecode (lossy): generated token t runs schedule.layers_at(t). Give a schedule, or a
+    target speedup (total layers / mean layers) from which a linear-decay schedule is built."""
+
+    speedup: float = 2.0
+    warmup_layers: int = 2
+    schedule: SkipSchedule | None = None
+    name = "skipdecode"
+
+    def schedule_for(self, num_layers: int, tokens: int) -> SkipSchedule:
+        if self.schedule is not None:
+            if self.schedule.num_layers != num_layers:
+                raise ValueError(
+                    f"the SkipDecode schedule is for {self.schedule.num_layers} layers, "
+                    f"the model has {num_layers}"
+                )
+            return self.schedule
+        return SkipSchedule.for_speedup(num_layers, self.speedup, tokens, self.warmup_layers)
+
+
+@dataclass(frozen=True)
+class SelfSpec:
+    """Lossless self-speculative decoding: a skip-layer draft (warm-up layers + the top layers,
+    num_layers / draft_speedup in all) proposes k tokens that the full model verifies."""
+
+    k: int = 4
+    draft_speedup: float = 2.0
+    warmup_layers: int = 2
+    name = "selfspec"
+
+    def draft_layers(self, num_layers: int) -> list[int]:
+        n = max(self.warmup_layers + 1, round(num_layers / self.draft_speedup))
+        n = min(n, num_layers)
+        return list(range(self.warmup_layers)) + list(
+            range(num_layers - (n - self.warmup_layers), num_layers)
+        )
+
+
+Method = AR | SkipDecode | SelfSpec
+
+
+def slack_slots(method: Method) -> int:
+    """Cache slots past prompt + max_new_tokens that the method's drafting may write."""
+    return method.k + 1 if isinstance(method, SelfSpec) else 0
+
+
+def run_method(
+    method: Method,
+    model: Transformer,
+    cache: KVCache,
+    requests: list[Request],
+    stats: DecodeStats,
+) -> Iterator[tuple[int, str]]:
+    """(request index, new text) as the method produces it; `stats` is filled in on the way."""
+    L = model.cfg.num_layers
+    if isinstance(method, AR):
+        return generate_ar(model, cache, requests, stats=stats)
+    if isinstance(method, SkipDecode):
+        longest = max(r.params.max_new_tokens for r in requests)
+        schedule = method.schedule_for(L, longest)
+        return generate_ar(model, cache, requests, layers_at=schedule.layers_at, stats=stats)
+    if isinstance(method, SelfSpec):
+        return generate_selfspec(model, cache, requests, method.draft_layers(L), method.k, stats)
+    raise TypeError(f"unknown decoding method {method!r}")
