@@ -145,8 +145,7 @@ def _round_bf16(x):
 def _attend_block(
     acc, m_i, l_i,  # [BLOCK_M, BLOCK_D] fp32, [BLOCK_M] fp32, [BLOCK_M] fp32: the running state
     q,  # [BLOCK_M, BLOCK_D] the query tile
-    k_base, v_base,  # pointers to kv head hk of slot 0 of row 0 (k, v)
-    row_off_k, row_off_v,  # row offsets (rows[b] * stride) when not HAS_KV_ROWS
+    k_base, v_base,  # kv head hk of slot 0 of row rows[b] (of row 0 when HAS_KV_ROWS)
     kv_rows_b,  # pointer to kv_rows[b, 0] when HAS_KV_ROWS
     stride_kvs,  # elements between slots of kv_rows
     stride_kr, stride_kc,  # k_cache strides: row, slot
@@ -154,7 +153,7 @@ def _attend_block(
     lo, hi,  # this loop's slot range [lo, hi), lo a multiple of BLOCK_N
     start, n_new,  # the sequence's committed length and number of new tokens
     tok,  # [BLOCK_M] int32 new-token index of each query row
-    bits,  # [BLOCK_M] int64 visibility bits of each query row (when HAS_TREE)
+    bits_lo, bits_hi,  # [BLOCK_M] int32 visibility bits 0-31 and 32-63 (when HAS_TREE)
     qk_scale,  # sm_scale * log2(e)
     offs_d, d_ok,  # [BLOCK_D] head-dim offsets and their mask
     MASKED: tl.constexpr,  # slots may be new tokens or past the end: apply the visibility rule
@@ -177,8 +176,8 @@ def _attend_block(
             k_off = r * stride_kr + offs_n * stride_kc
             v_off = r * stride_vr + offs_n * stride_vc
         else:
-            k_off = row_off_k + offs_n * stride_kc
-            v_off = row_off_v + offs_n * stride_vc
+            k_off = offs_n * stride_kc  # within row rows[b], already in k_base
+            v_off = offs_n * stride_vc
         k_ptrs = k_base + k_off[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
         v_ptrs = v_base + v_off[:, None] + offs_d[None, :]
         if MASKED:
@@ -199,8 +198,11 @@ def _attend_block(
             j = offs_n - start  # [BLOCK_N] index among the new tokens (< 0: prefix)
             is_new = (j >= 0) & in_range
             if HAS_TREE:
-                jj = tl.where(is_new, j, 0).to(tl.int64)  # a shift by < 0 or >= 64 is undefined
-                sees = ((bits[:, None] >> jj[None, :]) & 1) != 0
+                # Bit j of 64, tested in 32-bit halves (64-bit shifts cost several instructions
+                # and twice the registers); a shift by < 0 or >= 32 is undefined: clamp.
+                jj = tl.where(is_new, j, 0).to(tl.int32)
+                word = tl.where((jj < 32)[None, :], bits_lo[:, None], bits_hi[:, None])
+                sees = ((word >> (jj & 31)[None, :]) & 1) != 0
             else:
                 sees = j[None, :] <= tok[:, None]
             visible = (j < 0)[None, :] | (is_new[None, :] & sees)
@@ -275,9 +277,12 @@ def _tree_attention_kernel(
         q = q.to(tl.float32)
     if HAS_TREE:
         bits = tl.load(bits_ptr + b * stride_bb + tok * stride_bt, mask=m_ok & (tok < n_new),
-                       other=0)
+                       other=0)  # [BLOCK_M] int64
+        bits_lo = bits.to(tl.int32)  # the low 32 bits (truncation)
+        bits_hi = (bits >> 32).to(tl.int32)
     else:
-        bits = tok.to(tl.int64)  # unused
+        bits_lo = tok  # unused
+        bits_hi = tok
 
     # This program's slots: its split, cut at the sequence's end; causal rows see no further
     # than their last token.
@@ -286,29 +291,33 @@ def _tree_attention_kernel(
         last_tok = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1)
         end = tl.minimum(end, start + last_tok + 1)
     lo = pid_s * split_len
-    hi = tl.minimum(lo + split_len, end)
+    # The last split runs to the end, so a kv_len hint below the true length costs time, not keys.
+    hi = tl.where(pid_s == n_splits - 1, end, tl.minimum(lo + split_len, end))
     # Whole blocks of the prefix need no mask; the rest (prefix tail, new tokens) does.
     prefix_end = tl.maximum(tl.minimum((start // BLOCK_N) * BLOCK_N, hi), lo)
 
     k_base = k_ptr + hk.to(tl.int64) * stride_kh
     v_base = v_ptr + hk.to(tl.int64) * stride_vh
-    row = tl.load(rows_ptr + b)
+    if not HAS_KV_ROWS:
+        row = tl.load(rows_ptr + b)  # int64: row * stride may exceed 2^31
+        k_base += row * stride_kr
+        v_base += row * stride_vr
     kv_rows_b = kv_rows_ptr + b.to(tl.int64) * stride_kvb
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _attend_block(
-        acc, m_i, l_i, q, k_base, v_base, row * stride_kr, row * stride_vr, kv_rows_b,
+        acc, m_i, l_i, q, k_base, v_base, kv_rows_b,
         stride_kvs, stride_kr, stride_kc, stride_vr, stride_vc, lo, prefix_end, start, n_new,
-        tok, bits, qk_scale, offs_d, d_ok,
+        tok, bits_lo, bits_hi, qk_scale, offs_d, d_ok,
         MASKED=False, HAS_TREE=HAS_TREE, HAS_KV_ROWS=HAS_KV_ROWS, IN_PREC=IN_PREC,
         EMULATE_BF16=EMULATE_BF16, EVEN_D=HEAD_DIM == BLOCK_D, BLOCK_N=BLOCK_N,
     )
     acc, m_i, l_i = _attend_block(
-        acc, m_i, l_i, q, k_base, v_base, row * stride_kr, row * stride_vr, kv_rows_b,
+        acc, m_i, l_i, q, k_base, v_base, kv_rows_b,
         stride_kvs, stride_kr, stride_kc, stride_vr, stride_vc, prefix_end, hi, start, n_new,
-        tok, bits, qk_scale, offs_d, d_ok,
+        tok, bits_lo, bits_hi, qk_scale, offs_d, d_ok,
         MASKED=True, HAS_TREE=HAS_TREE, HAS_KV_ROWS=HAS_KV_ROWS, IN_PREC=IN_PREC,
         EMULATE_BF16=EMULATE_BF16, EVEN_D=HEAD_DIM == BLOCK_D, BLOCK_N=BLOCK_N,
     )
@@ -407,16 +416,23 @@ def attention_config(
     heads: int,  # H
     kv_heads: int,  # Hkv
     head_dim: int,  # D
-    kv_len: int,  # S: an upper bound of the slots read, max(starts + n_new)
+    kv_len: int,  # S, about max(starts + n_new): sizes the splits (the last one runs to the end)
     device: torch.device | str = "cuda",
     split_len: int | None = None,  # force slots per split (rounded up to block_n)
     block_n: int | None = None,  # force slots per inner step (a power of two >= 16)
+    elem_bytes: int = 2,  # q/k/v element size: 4 for fp32
 ) -> AttentionConfig:
     rows = (heads // kv_heads) * width  # packed query rows per (sequence, kv head)
-    block_m = min(max(16, triton.next_power_of_2(rows)), 64)
     block_d = max(16, triton.next_power_of_2(head_dim))
+    # Tiles sized so that sm_80/sm_90 builds do not spill (checked with ptxas for D = 128). fp32
+    # dots run in exact ("ieee") precision on CUDA cores, not tensor cores: small tiles, and a
+    # correctness path rather than a fast one.
+    if elem_bytes >= 4:
+        block_m, default_n = 16, 32
+    else:
+        block_m, default_n = min(max(16, triton.next_power_of_2(rows)), 64), 64
     if block_n is None:
-        block_n = 64 if block_d <= 128 else 32
+        block_n = default_n if block_d <= 128 else 32
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"kernels/attention.py: block_n must be a power of two >= 16; "
                          f"got {block_n}")
@@ -456,7 +472,7 @@ def tree_attention(
     kv_rows: torch.Tensor | None = None,  # [B, S] int64, S >= max(starts + n_new)
     sm_scale: float | None = None,  # default 1/sqrt(D)
     *,
-    kv_len: int | None = None,  # an upper bound of max(starts + n_new); default S or C
+    kv_len: int | None = None,  # sizes the split-K grid: ~max(starts + n_new); default S or C
     split_len: int | None = None,  # force the split-K split size (slots)
     block_n: int | None = None,  # force the slots per inner step
 ) -> torch.Tensor:  # [B, T, H, D] in q's dtype; rows i >= n_new[b] are unspecified (finite)
@@ -500,7 +516,8 @@ def tree_attention(
     if kv_len is None:
         kv_len = C if kv_rows is None else min(kv_rows.shape[1], C)
     G = H // Hkv
-    cfg = attention_config(B, T, H, Hkv, D, kv_len, q.device, split_len, block_n)
+    cfg = attention_config(B, T, H, Hkv, D, kv_len, q.device, split_len, block_n,
+                           q.element_size())
     rows, starts, n_new = rows.contiguous(), starts.contiguous(), n_new.contiguous()
     bits = tree_bits if tree_bits is not None else rows  # a placeholder pointer when unused
     kvr = kv_rows if kv_rows is not None else rows.view(B, 1)

@@ -263,6 +263,14 @@ def test_decode_splits_by_default_at_long_context():
 
 
 @kernel_test
+@pytest.mark.parametrize("kv_len", [1, 20])
+def test_kv_len_hint_too_small_still_reads_every_slot(kv_len):
+    # The hint sizes the split grid only: the last split runs to each sequence's end.
+    case = make_case([50, 9], [1, 1], 1, 2, 1, 16, seed=15)
+    check(case, kv_len=kv_len, block_n=16, split_len=16)
+
+
+@kernel_test
 @pytest.mark.parametrize("width", [1, 5, 16])
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_random_tree(width, kv_heads):
