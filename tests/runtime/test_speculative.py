@@ -1,0 +1,176 @@
+"""Speculative decoding (chain, tree, GSD, n-gram): lossless against AR, and a correct DAG."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from tiny_models import load_tiny
+from treadle.runtime.ar import generate_ar
+from treadle.runtime.gsd import DAG, GSDParams, ModelDraft, NgramDraft, Node, unfold
+from treadle.runtime.kv_cache import KVCache
+from treadle.runtime.request import Request
+from treadle.runtime.sampling import SamplingParams, probabilities
+from treadle.runtime.speculative import generate_speculative
+from treadle.runtime.stats import DecodeStats
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    return load_tiny("llama_gqa_tied", tmp_path_factory.mktemp("t"), num_layers=3)
+
+
+@pytest.fixture(scope="module")
+def draft(tmp_path_factory):
+    # A different random model with the same vocabulary: a weak but honest draft.
+    return load_tiny("llama_gqa_tied", tmp_path_factory.mktemp("d"), seed=7, num_layers=1)
+
+
+def prompts_for(seed):
+    rng = random.Random(seed)
+    # Repetitive prompts give the n-gram draft something to find.
+    return [[rng.randrange(20) for _ in range(n)] * 2 for n in (3, 6, 4)]
+
+
+def ar(target, prompts, params):
+    reqs = [Request(p, params, frozenset()) for p in prompts]
+    cache = KVCache(target.cfg, rows=len(prompts) + 2, capacity=128)
+    for _ in generate_ar(target, cache, reqs):
+        pass
+    return [r.tokens for r in reqs]
+
+
+def speculative(target, draft_src, prompts, params, gsd, check_cache=True):
+    reqs = [Request(p, params, frozenset()) for p in prompts]
+    cache = KVCache(target.cfg, rows=len(prompts) + 2, capacity=128)
+    stats = DecodeStats("spec")
+    if draft_src is not None and not isinstance(draft_src, NgramDraft):
+        draft_src = ModelDraft(draft_src, KVCache(draft_src.cfg, rows=len(prompts), capacity=128))
+    for _ in generate_speculative(target, cache, reqs, draft_src, gsd, stats):
+        pass
+    return [r.tokens for r in reqs], stats
+
+
+CONFIGS = {
+    "chain": GSDParams(k=1, tau=-1, max_depth=4, node_budget=8, prob_threshold=0.0),
+    "tree": GSDParams(k=3, tau=-1, max_depth=3, node_budget=16, prob_threshold=0.0,
+                      sibling_threshold=0.0),
+    "gsd-tau0": GSDParams(k=3, tau=0, max_depth=4, node_budget=16, prob_threshold=0.0,
+                          sibling_threshold=0.0),
+    "gsd-tau1": GSDParams(k=2, tau=1, max_depth=4, node_budget=12, prob_threshold=0.05),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_greedy_is_token_identical_to_ar(target, draft, name):
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    prompts = prompts_for(1)
+    got, stats = speculative(target, draft, prompts, params, CONFIGS[name])
+    assert got == ar(target, prompts, params)
+    assert stats.steps > 0
+
+
+def test_the_target_as_its_own_draft_accepts_everything(target):
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    p = GSDParams(k=1, tau=-1, max_depth=4, node_budget=8, prob_threshold=0.0)
+    got, stats = speculative(target, target, prompts_for(2), params, p)
+    assert got == ar(target, prompts_for(2), params)
+    assert all(a == 4 for a in stats.accepted[:-3])  # every round but the last accepts all 4
+
+
+def test_ngram_draft_greedy_is_token_identical(target):
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    got, stats = speculative(target, NgramDraft(), prompts_for(3), params, CONFIGS["gsd-tau0"])
+    assert got == ar(target, prompts_for(3), params)
+
+
+def test_gsd_merges_and_never_makes_a_node_its_own_ancestor(target, draft):
+    params = SamplingParams(max_new_tokens=1)
+    md = ModelDraft(draft, KVCache(draft.cfg, rows=1, capacity=128))
+    rows = md.begin([[1, 2, 3]])
+    gen = [torch.Generator()]
+    dags = md.draft(rows, [[4]], GSDParams(k=4, tau=0, max_depth=5, node_budget=64,
+                                           prob_threshold=0.0, sibling_threshold=0.0), params, gen)
+    dag = dags[0]
+    for i in range(len(dag.nodes)):
+        assert i not in dag.ancestors(i)
+    assert dag.merged > 0, "k=4 over 5 levels of a 211-token random draft should recur"
+    tree = unfold(dag, budget=64, max_depth=5)
+    # The unfolded tree is a tree over the DAG's edges, BFS-ordered, depth-capped.
+    for i, (par, d) in enumerate(zip(tree.parents, tree.dag_ids)):
+        if i:
+            assert par < i and d in dag.nodes[tree.dag_ids[par]].children
+            assert tree.tokens[i] == dag.nodes[d].token
+        assert tree.depth(i) <= 5
+
+
+def test_unfold_duplicates_merged_subtrees_within_budget():
+    dag = DAG([Node(9, -1, 0, 1.0, True, in_edges=[])])
+    p = GSDParams(k=2, tau=0, max_depth=3, node_budget=64)
+    a = dag.add_child(0, 1, 0.5, p, True)  # 9 -> 1
+    b = dag.add_child(0, 2, 0.5, p, True)  # 9 -> 2
+    c = dag.add_child(a, 3, 0.5, p, True)  # 1 -> 3
+    assert dag.add_child(b, 3, 0.5, p, True) is None  # 2 -> 3 merges into c (tau = 0)
+    dag.add_child(c, 4, 0.5, p, True)  # 3 -> 4, reused under both parents
+    assert dag.merged == 1 and dag.nodes[b].children == [c]
+    tree = unfold(dag, budget=64, max_depth=3)
+    assert tree.tokens == [9, 1, 2, 3, 3, 4, 4]
+    assert tree.parents == [-1, 0, 0, 1, 2, 3, 4]
+    assert unfold(dag, budget=4, max_depth=3).tokens == [9, 1, 2, 3]
+    # tau = 1 needs the parent token to match too: 2 -> 3 does not merge with 1 -> 3.
+    dag1 = DAG([Node(9, -1, 0, 1.0, True, in_edges=[])])
+    p1 = GSDParams(k=2, tau=1, max_depth=3, node_budget=64)
+    a1, b1 = dag1.add_child(0, 1, 0.5, p1, True), dag1.add_child(0, 2, 0.5, p1, True)
+    dag1.add_child(a1, 3, 0.5, p1, True)
+    assert dag1.add_child(b1, 3, 0.5, p1, True) is not None
+
+
+def test_target_cache_holds_only_accepted_tokens(target, draft):
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    prompt = prompts_for(4)[0]
+    reqs = [Request(prompt, params, frozenset())]
+    cache = KVCache(target.cfg, rows=3, capacity=128)
+    md = ModelDraft(draft, KVCache(draft.cfg, rows=1, capacity=128))
+    snapshots = []
+    for _ in generate_speculative(target, cache, reqs, md, CONFIGS["gsd-tau0"]):
+        row = 0
+        snapshots.append((cache.lengths[row], cache.k[:, row].clone()))
+    tokens = prompt + reqs[0].tokens
+    ref = KVCache(target.cfg, rows=1, capacity=128)
+    target.forward(ref.make_step([0], [tokens]), ref)
+    for length, k in snapshots:
+        if length:
+            torch.testing.assert_close(k[:, :, :length], ref.k[:, 0, :, :length], atol=1e-4,
+                                       rtol=0)
+
+
+@pytest.mark.parametrize("name", ["chain", "gsd-tau0"])
+def test_sampling_preserves_the_target_distribution(tmp_path, name):
+    """Chi-square of the second generated token (the first speculated one) against AR's exact
+    distribution, on a 16-token vocabulary."""
+    small = load_tiny("llama_gqa_tied", tmp_path / "t", vocab_size=16, seed=3, num_layers=2)
+    weak = load_tiny("llama_gqa_tied", tmp_path / "d", vocab_size=16, seed=11, num_layers=1)
+    prompt = [3, 1, 4, 1, 5]
+    params = SamplingParams(max_new_tokens=2, temperature=1.0, ignore_eos=True)
+    cache = KVCache(small.cfg, rows=1, capacity=16)
+    p1 = probabilities(small.forward(cache.make_step([0], [prompt]), cache), params)[0]
+    exact = torch.zeros(16)
+    for t1 in range(16):
+        c = KVCache(small.cfg, rows=1, capacity=16)
+        exact += p1[t1] * probabilities(small.forward(c.make_step([0], [prompt + [t1]]), c),
+                                        params)[0]
+    gsd = CONFIGS[name]
+    counts, n = torch.zeros(16), 0
+    for call in range(8):
+        p = SamplingParams(max_new_tokens=2, temperature=1.0, ignore_eos=True, seed=call * 250)
+        got, _ = speculative(small, weak, [prompt] * 250, p, gsd)
+        for toks in got:
+            counts[toks[1]] += 1
+            n += 1
+    keep = exact * n >= 5
+    chi2 = float(((counts[keep] - n * exact[keep]) ** 2 / (n * exact[keep])).sum())
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 4 * math.sqrt(2 * dof), (chi2, dof)
