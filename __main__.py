@@ -35,13 +35,19 @@ def _generate(args) -> int:
 
 
 def _method(args):
-    from .runtime.methods import AR, SelfSpec, SkipDecode
+    from .runtime.methods import AR, SelfSpec, SkipDecode, Speculative
 
     if args.method == "ar":
         return AR()
     if args.method == "skipdecode":
         return SkipDecode(speedup=args.skip_speedup, warmup_layers=args.warmup_layers)
-    return SelfSpec(k=args.k, draft_speedup=args.skip_speedup, warmup_layers=args.warmup_layers)
+    if args.method == "selfspec":
+        return SelfSpec(k=args.k or 4, draft_speedup=args.skip_speedup,
+                        warmup_layers=args.warmup_layers)
+    if args.method == "sd":
+        return Speculative.chain(depth=args.depth, draft=args.draft)
+    return Speculative.gsd(k=args.k or 4, tau=args.tau, depth=args.depth, budget=args.budget,
+                           draft=args.draft)
 
 
 def _convert(args) -> int:
@@ -76,12 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--method", default="ar", choices=["ar", "skipdecode", "selfspec"])
+    gen.add_argument("--method", default="ar", choices=["ar", "sd", "gsd", "skipdecode", "selfspec"])
+    gen.add_argument("--draft", default="default",
+                     help="sd/gsd: 'default' (the derived draft), 'ngram', or a model dir/GGUF")
+    gen.add_argument("--depth", type=int, default=4, help="sd/gsd: draft steps per round")
+    gen.add_argument("--tau", type=int, default=0, help="gsd: merge depth (-1: no merging)")
+    gen.add_argument("--budget", type=int, default=16, help="gsd: tree nodes verified per step")
     gen.add_argument("--skip-speedup", type=float, default=2.0,
                      help="skipdecode: total layers / mean layers per token; selfspec: the draft's")
     gen.add_argument("--warmup-layers", type=int, default=2,
                      help="skipdecode/selfspec: lower layers every token runs")
-    gen.add_argument("-k", "--k", type=int, default=4, help="selfspec: draft tokens per step")
+    gen.add_argument("-k", "--k", type=int, default=0,
+                     help="selfspec: draft tokens per step (4); gsd: children per node (4)")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(run=_generate)

@@ -150,8 +150,17 @@ def sampling_depth(p: GSDParams) -> int:
 class ModelDraft:
     """A draft model with its own KV cache, drafting DAGs for a batch of sequences at once."""
 
-    def __init__(self, model: Transformer, cache: KVCache):
+    def __init__(self, model: Transformer, cache: KVCache, vocab_size: int | None = None):
         self.model, self.cache = model, cache
+        # The target's vocabulary: a draft whose embedding has extra padding rows (or fewer) is
+        # cut (or padded with -inf) to it, so it never proposes an id the target cannot score.
+        self.vocab_size = vocab_size or model.cfg.vocab_size
+
+    def _fit(self, logits: torch.Tensor) -> torch.Tensor:
+        extra = self.vocab_size - logits.shape[-1]
+        if extra <= 0:
+            return logits[..., : self.vocab_size]
+        return torch.nn.functional.pad(logits, (0, extra), value=float("-inf"))
 
     def begin(self, prompts: Sequence[Sequence[int]]) -> list[int]:
         rows = [self.cache.allocate() for _ in prompts]
@@ -173,7 +182,7 @@ class ModelDraft:
     ) -> list[DAG]:
         cache, model = self.cache, self.model
         # Level 0: catch up on the pending tokens; the root's logits seed the DAG.
-        logits = model.forward(cache.make_step(rows, pending), cache)  # [B, V]
+        logits = self._fit(model.forward(cache.make_step(rows, pending), cache))  # [B, V]
         cache.extend(rows, [len(t) - 1 for t in pending])  # the root stays pending (node 0)
         dags = [DAG([Node(t[-1], -1, 0, 1.0, True, in_edges=[], computed=True)]) for t in pending]
         max_depth = p.max_depth if params.greedy else sampling_depth(p)
@@ -241,7 +250,7 @@ class ModelDraft:
             tree[b, len(f):, 0] = True  # padding queries see the root (their output is unused)
         step = self.cache.make_step(rows, tokens, tree=tree, logits="all", positions=positions,
                                     slots=slots)
-        return self.model.forward(step, self.cache)
+        return self._fit(self.model.forward(step, self.cache))
 
     def accepted(self, rows: Sequence[int], dags: Sequence[DAG], trees: Sequence[Tree],
                  paths: Sequence[list[int]], emitted: Sequence[list[int]]) -> list[list[int]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -15,12 +15,16 @@ from ..graph.weights import ModelWeights
 from ..loaders.safetensors_weights import read_state_dict
 from ..loaders.tokenizer import Tokenizer
 from .kv_cache import KVCache
-from .methods import AR, Method, run_method, slack_slots
+from .gsd import ModelDraft, NgramDraft
+from .methods import AR, Method, Speculative, run_method, slack_slots
 from .request import Request
 from .sampling import SamplingParams
 from .stats import DecodeStats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+DRAFT_SLACK = 65  # the largest tree envelope (64 nodes) + its root
 
 
 class PromptError(ValueError):
@@ -61,7 +65,9 @@ class LLM:
         state = {name: t.to(device) for name, t in state.items()}
         weights = ModelWeights.from_state_dict(state, self.config)
         self.max_seq_len = min(max_seq_len, self.config.max_position_embeddings)
-        self.model = Transformer(self.config, weights, max_positions=self.max_seq_len)
+        # Drafting may write up to DRAFT_SLACK slots past a full context (a speculative tree's
+        # nodes before verification cuts them), so the RoPE tables reach that far.
+        self.model = Transformer(self.config, weights, max_positions=self.max_seq_len + DRAFT_SLACK)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise ValueError(
@@ -72,6 +78,7 @@ class LLM:
         self.eos_ids = frozenset(eos)
         self._cache: KVCache | None = None
         self.last_completion: Completion | None = None  # set when a `stream` ends
+        self._drafts: dict[str, LLM] = {}
 
     # --- prompts ----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int], chat: bool = False, system: str | None = None):
@@ -95,16 +102,15 @@ class LLM:
             )
         return ids
 
-    def _requests(self, prompts, params, chat, system, with_text=True) -> list[Request]:
+    def _requests(self, prompts, params, chat, system) -> list[Request]:
         requests = []
         for p in prompts:
             ids = self.encode(p, chat, system)
             room = self.max_seq_len - len(ids)  # generation stops when the context is full
             req_params = params
             if params.max_new_tokens > room:
-                req_params = _replace(params, max_new_tokens=room)
-            decoder = self.tokenizer.stream_decoder() if with_text else None
-            requests.append(Request(ids, req_params, self.eos_ids, decoder))
+                req_params = replace(params, max_new_tokens=room)
+            requests.append(Request(ids, req_params, self.eos_ids, self.tokenizer.stream_decoder()))
         return requests
 
     def _cache_for(self, requests: list[Request], slack: int = 0) -> KVCache:
@@ -118,12 +124,46 @@ class LLM:
 
     def _run(self, requests: list[Request], method: Method, stats: DecodeStats):
         """(request index, new text) pairs of one generation, timed into `stats`."""
-        cache = self._cache_for(requests, slack_slots(method))
+        slack = slack_slots(method)
+        cache = self._cache_for(requests, slack)
+        draft = self._draft_source(method, requests, slack)
         t0 = time.perf_counter()
         try:
-            yield from run_method(method, self.model, cache, requests, stats)
+            yield from run_method(method, self.model, cache, requests, stats, draft)
         finally:
             stats.seconds = time.perf_counter() - t0
+
+    # --- drafts -----------------------------------------------------------------------------
+    def draft_model(self, spec: str) -> LLM:
+        """The draft model named by a Speculative method ("default" or a path), loaded once and
+        checked against this model's vocabulary."""
+        if spec not in self._drafts:
+            if spec == "default":
+                from ..loaders.draft_model import find_draft
+
+                path = find_draft()
+                if path is None:
+                    raise FileNotFoundError(
+                        "no draft for the default model has been built yet: run "
+                        "`treadle draft build` (minutes on a CPU), or pass a draft directory"
+                    )
+            else:
+                path = spec
+            draft = load(path, dtype=self.model.dtype, device=str(self.model.device),
+                         max_seq_len=self.max_seq_len)
+            check_draft_vocab(self, draft)
+            self._drafts[spec] = draft
+        return self._drafts[spec]
+
+    def _draft_source(self, method: Method, requests: list[Request], slack: int):
+        if not isinstance(method, Speculative):
+            return None
+        if method.draft == "ngram":
+            return NgramDraft()
+        draft = self.draft_model(method.draft)
+        need = max(len(r.prompt) + r.params.max_new_tokens for r in requests) + slack
+        cache = KVCache(draft.config, len(requests), need, draft.model.dtype, draft.model.device)
+        return ModelDraft(draft.model, cache, vocab_size=self.config.vocab_size)
 
     # --- generation -------------------------------------------------------------------------
     def stream(
@@ -165,14 +205,31 @@ class LLM:
         return out[0] if single else out
 
 
+class DraftMismatchError(ValueError):
+    """A draft whose vocabulary is not the target's."""
+
+
+def check_draft_vocab(target: LLM, draft: LLM) -> None:
+    """The draft must tokenize exactly as the target: the same tokens at the same ids. Embedding
+    tables may differ in padding rows past the tokenizer's vocabulary (handled by ModelDraft)."""
+    tt, dt = target.tokenizer, draft.tokenizer
+    where = f"draft {draft.model_dir} vs target {target.model_dir}"
+    if tt.vocab_size != dt.vocab_size:
+        raise DraftMismatchError(
+            f"{where}: the draft's tokenizer has {dt.vocab_size} tokens, the target's "
+            f"{tt.vocab_size}: speculative decoding needs the same vocabulary"
+        )
+    for i in range(tt.vocab_size):
+        if tt.id_to_token(i) != dt.id_to_token(i):
+            raise DraftMismatchError(
+                f"{where}: token id {i} is {dt.id_to_token(i)!r} in the draft but "
+                f"{tt.id_to_token(i)!r} in the target: speculative decoding needs the same "
+                "vocabulary"
+            )
+
+
 def _completion(r: Request, stats: DecodeStats) -> Completion:
     return Completion(r.text, r.tokens, len(r.prompt), r.finish_reason, stats.seconds, stats)
-
-
-def _replace(params: SamplingParams, **changes) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, **changes)
 
 
 def load(

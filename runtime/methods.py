@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from ..graph.model import Transformer
 from ..graph.skip import SkipSchedule
 from .ar import generate_ar
+from .gsd import GSDParams, ModelDraft, NgramDraft
 from .kv_cache import KVCache
 from .request import Request
 from .skipdecode import generate_selfspec
+from .speculative import generate_speculative
 from .stats import DecodeStats
 
 
@@ -60,12 +62,51 @@ class SelfSpec:
         )
 
 
-Method = AR | SkipDecode | SelfSpec
+@dataclass(frozen=True)
+class Speculative:
+    """Lossless speculative decoding with a draft: chain SD (k=1, tau=-1), tree SD (k>1,
+    tau=-1) or GSD (tau >= 0: recurring draft sequences merged into a DAG). The draft is
+    "default" (the draft derived from the default model: `treadle draft build`), "ngram"
+    (prompt lookup, no model), or a model directory / GGUF file with the target's vocabulary."""
+
+    draft: str = "default"
+    k: int = 1
+    tau: int = -1
+    max_depth: int = 4
+    node_budget: int = 8
+    prob_threshold: float = 0.0
+    sibling_threshold: float = 0.0
+
+    @classmethod
+    def chain(cls, depth: int = 4, draft: str = "default") -> Speculative:
+        return cls(draft=draft, k=1, tau=-1, max_depth=depth, node_budget=depth + 1)
+
+    @classmethod
+    def gsd(cls, k: int = 4, tau: int = 0, depth: int = 4, budget: int = 16,
+            prob_threshold: float = 0.3, sibling_threshold: float = 0.2,
+            draft: str = "default") -> Speculative:
+        return cls(draft, k, tau, depth, budget, prob_threshold, sibling_threshold)
+
+    @property
+    def name(self) -> str:
+        kind = "sd" if self.k == 1 and self.tau == -1 else ("tree-sd" if self.tau == -1 else "gsd")
+        return f"{kind}[{self.draft}]"
+
+    def params(self) -> GSDParams:
+        return GSDParams(self.k, self.tau, self.max_depth, self.node_budget, self.prob_threshold,
+                         self.sibling_threshold)
+
+
+Method = AR | SkipDecode | SelfSpec | Speculative
 
 
 def slack_slots(method: Method) -> int:
     """Cache slots past prompt + max_new_tokens that the method's drafting may write."""
-    return method.k + 1 if isinstance(method, SelfSpec) else 0
+    if isinstance(method, SelfSpec):
+        return method.k + 1
+    if isinstance(method, Speculative):
+        return method.node_budget + 1
+    return 0
 
 
 def run_method(
@@ -74,8 +115,10 @@ def run_method(
     cache: KVCache,
     requests: list[Request],
     stats: DecodeStats,
+    draft: ModelDraft | NgramDraft | None = None,
 ) -> Iterator[tuple[int, str]]:
-    """(request index, new text) as the method produces it; `stats` is filled in on the way."""
+    """(request index, new text) as the method produces it; `stats` is filled in on the way.
+    `draft` is the resolved draft source of a Speculative method."""
     L = model.cfg.num_layers
     if isinstance(method, AR):
         return generate_ar(model, cache, requests, stats=stats)
@@ -85,4 +128,6 @@ def run_method(
         return generate_ar(model, cache, requests, layers_at=schedule.layers_at, stats=stats)
     if isinstance(method, SelfSpec):
         return generate_selfspec(model, cache, requests, method.draft_layers(L), method.k, stats)
+    if isinstance(method, Speculative):
+        return generate_speculative(model, cache, requests, draft, method.params(), stats)
     raise TypeError(f"unknown decoding method {method!r}")

@@ -70,3 +70,15 @@ def test_cli_errors_exit_2_with_a_message(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("treadle: error:") and message in err
+
+
+@pytest.mark.parametrize("method", ["gsd-ngram", "selfspec"])
+def test_drafting_methods_run_up_to_a_full_context(small_context, method):
+    from treadle.runtime.methods import SelfSpec, Speculative
+
+    m = Speculative.gsd(draft="ngram", budget=16) if method == "gsd-ngram" else SelfSpec(k=4)
+    ids = small_context.encode("Count from one to one hundred.", chat=True)
+    params = treadle.SamplingParams(max_new_tokens=500, ignore_eos=True)
+    out = small_context.generate(ids, params, method=m)
+    ref = small_context.generate(ids, params)
+    assert out.finish_reason == "length" and out.tokens == ref.tokens

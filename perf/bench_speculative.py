@@ -1,0 +1,172 @@
+"""Speculative decoding on the default model: AR, chain SD, tree SD, GSD and n-gram, in one run.
+
+    python perf/bench_speculative.py --prompts ../shared/data/mt_bench/question.jsonl \
+        [--n-prompts 24] [--max-new-tokens 128] [--budgets 4,8,16,32] [--temperatures 0,0.7]
+
+Prompts: the first turns of MT-Bench, round-robin over the 8 categories (24 = 3 per category),
+chat template applied, batch 1, --max-new-tokens generated with EOS ignored so every method
+produces the same number of tokens. Per method and setting:
+    tokens/s        = generated tokens / wall seconds (prefill included), over all prompts
+    speedup         = tokens/s / AR tokens/s measured in the same run, at the same temperature
+    mean accepted   = tokens emitted per verify step (accepted drafts + the target's own token)
+    draft / verify  = seconds spent drafting / verifying, over all prompts
+    merged          = draft nodes GSD reused by merging instead of drafting them
+Greedy rows also check that the output is token-identical to AR. Results: JSON + CSV + a PNG plot
+of speedup against the node budget in perf/results/.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import csv
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_decode import machine, mt_bench_prompts  # noqa: E402
+
+
+def methods(budgets: list[int], draft: str):
+    from treadle.runtime.methods import AR, Speculative
+
+    yield "ar", None, AR()
+    for depth in (2, 3, 4):
+        yield f"sd-chain-d{depth}", depth + 1, Speculative.chain(depth=depth, draft=draft)
+    for budget in budgets:
+        yield f"tree-sd-b{budget}", budget, Speculative.gsd(
+            k=4, tau=-1, depth=4, budget=budget, draft=draft)
+        for tau in (0, 1):
+            yield f"gsd-tau{tau}-b{budget}", budget, Speculative.gsd(
+                k=4, tau=tau, depth=4, budget=budget, draft=draft)
+    yield "ngram-chain-d4", 5, Speculative.chain(depth=4, draft="ngram")
+    for budget in budgets:
+        yield f"ngram-gsd-b{budget}", budget, Speculative.gsd(
+            k=4, tau=0, depth=6, budget=budget, draft="ngram")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--prompts", type=Path, required=True, help="MT-Bench question.jsonl")
+    ap.add_argument("--n-prompts", type=int, default=24)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--budgets", default="4,8,16,32")
+    ap.add_argument("--temperatures", default="0,0.7")
+    ap.add_argument("--draft", default="default", help="draft model: 'default' or a directory")
+    ap.add_argument("--only", help="comma-separated method names to run (plus ar)")
+    ap.add_argument("--out", default=None, help="results file stem (default perf/results/...)")
+    args = ap.parse_args()
+
+    import torch
+
+    import treadle
+
+    llm = treadle.load()
+    questions = mt_bench_prompts(args.prompts, args.n_prompts)
+    prompt_ids = [llm.encode(q, chat=True) for q in questions]
+    budgets = [int(b) for b in args.budgets.split(",")]
+    only = set(args.only.split(",")) | {"ar"} if args.only else None
+    rows = []
+    for temp in (float(t) for t in args.temperatures.split(",")):
+        ar_tokens, ar_tps = None, None
+        for name, budget, method in methods(budgets, args.draft):
+            if only and name not in only:
+                continue
+            if temp > 0 and name.startswith("ngram-gsd"):
+                continue  # n-gram trees propose a single chain when sampling: same as ngram-chain
+            params_for = [treadle.SamplingParams(max_new_tokens=args.max_new_tokens,
+                                                 temperature=temp, seed=1000 + i, ignore_eos=True)
+                          for i in range(len(prompt_ids))]
+            llm.generate(prompt_ids[0], treadle.SamplingParams(max_new_tokens=8), method=method)
+            outs, seconds, stats = [], 0.0, []
+            for ids, params in zip(prompt_ids, params_for):
+                t0 = time.perf_counter()
+                out = llm.generate(ids, params, method=method)
+                seconds += time.perf_counter() - t0
+                outs.append(out.tokens)
+                stats.append(out.stats)
+            tokens = sum(len(o) for o in outs)
+            tps = tokens / seconds
+            if name == "ar":
+                ar_tokens, ar_tps = outs, tps
+            accepted = [a for s in stats for a in s.accepted]
+            row = {
+                "method": name, "temperature": temp, "node_budget": budget,
+                "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tps, 2),
+                "speedup_vs_ar": round(tps / ar_tps, 3),
+                "mean_accepted": round(sum(a + 1 for a in accepted) / len(accepted), 3)
+                if accepted else None,
+                "draft_seconds": round(sum(s.draft_seconds for s in stats), 2),
+                "verify_seconds": round(sum(s.verify_seconds for s in stats), 2),
+                "draft_nodes": sum(s.draft_nodes for s in stats),
+                "merged_nodes": sum(s.merged_nodes for s in stats),
+            }
+            if temp == 0:
+                row["identical_to_ar"] = outs == ar_tokens
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+    result = {
+        "benchmark": "speculative decoding vs AR, default model, batch 1",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "prompts": f"{args.prompts} (first turns, {len(questions)} round-robin by category)",
+        "max_new_tokens": args.max_new_tokens,
+        "draft": args.draft,
+        "formula": "tokens/s = generated tokens / wall seconds; speedup = tokens/s / AR tokens/s "
+                   "(same run, same temperature); mean accepted = emitted tokens per verify step",
+        "rows": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    stem = args.out or f"bench_speculative-{platform.node() or 'host'}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    with open(RESULTS / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        w.writeheader()
+        w.writerows(rows)
+    _plot(rows, RESULTS / f"{stem}.png")
+    print(f"saved {RESULTS / stem}.json/.csv/.png")
+    return 0
+
+
+def _plot(rows, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, temp in zip(axes, (0.0, 0.7)):
+        for family in ("tree-sd", "gsd-tau0", "gsd-tau1", "ngram-gsd"):
+            pts = sorted((r["node_budget"], r["speedup_vs_ar"]) for r in rows
+                         if r["temperature"] == temp and r["method"].startswith(family + "-b"))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=family)
+        for r in rows:
+            if r["temperature"] == temp and "chain" in r["method"]:
+                ax.scatter([r["node_budget"]], [r["speedup_vs_ar"]], marker="x")
+                ax.annotate(r["method"], (r["node_budget"], r["speedup_vs_ar"]), fontsize=7)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"temperature {temp}")
+        ax.set_xlabel("node budget (tree nodes verified per step)")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("speedup over AR (tokens/s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
