@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--method", default="ar", choices=["ar", "sd", "gsd", "skipdecode", "selfspec"])
+    gen.add_argument("--method", default="ar",
+                     choices=["ar", "sd", "gsd", "skipdecode", "selfspec"])
     gen.add_argument("--draft", default="default",
                      help="sd/gsd: 'default' (the derived draft), 'ngram', or a model dir/GGUF")
     gen.add_argument("--depth", type=int, default=4, help="sd/gsd: draft steps per round")

@@ -19,7 +19,6 @@ from functools import cached_property
 import torch
 
 
-
 @dataclass
 class Step:
     tokens: torch.Tensor  # [B, T] int64, padded past n_new

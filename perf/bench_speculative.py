@@ -66,7 +66,6 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
-
     import treadle
 
     llm = treadle.load()

@@ -14,8 +14,8 @@ from ..graph.model import Transformer
 from ..graph.weights import ModelWeights
 from ..loaders.safetensors_weights import read_state_dict
 from ..loaders.tokenizer import Tokenizer
-from .kv_cache import KVCache
 from .gsd import ModelDraft, NgramDraft
+from .kv_cache import KVCache
 from .methods import AR, Method, Speculative, run_method, slack_slots
 from .request import Request
 from .sampling import SamplingParams

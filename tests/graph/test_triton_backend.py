@@ -6,7 +6,6 @@ import random
 
 import pytest
 import torch
-
 from tiny_models import make_hf_model, save_hf_model
 from treadle.graph.backend import Backend
 from treadle.graph.config import ModelConfig

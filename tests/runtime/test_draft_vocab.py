@@ -8,7 +8,6 @@ import os
 import shutil
 
 import pytest
-
 import treadle
 from tiny_models import make_hf_model, save_hf_model
 from treadle.runtime.llm import DraftMismatchError

@@ -1,4 +1,4 @@
-"""SkipDecode: the schedule, KV consistency without recomputation, and the lossless self-spec mode."""
+"""SkipDecode: the schedule, KV consistency without recomputation, the lossless self-spec mode."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-
 from tiny_models import load_tiny
 from treadle.graph.skip import ScheduleError, SkipSchedule
 from treadle.runtime.ar import generate_ar

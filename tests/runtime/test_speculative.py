@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-
 from tiny_models import load_tiny
 from treadle.runtime.ar import generate_ar
 from treadle.runtime.gsd import DAG, GSDParams, ModelDraft, NgramDraft, Node, unfold
