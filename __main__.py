@@ -58,6 +58,12 @@ def _convert(args) -> int:
     return 0
 
 
+def _draft(args) -> int:
+    from .loaders.draft_model import main as draft_main
+
+    return draft_main(args.args)
+
+
 def _models(args) -> int:
     from .loaders.default_model import default_model_dir
 
@@ -104,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("out_dir")
     conv.add_argument("--overwrite", action="store_true")
     conv.set_defaults(run=_convert)
+
+    draft = sub.add_parser(
+        "draft", help="derive a draft for the default model: `treadle draft build|info --help`"
+    )
+    draft.add_argument("args", nargs=argparse.REMAINDER)
+    draft.set_defaults(run=_draft)
 
     models = sub.add_parser("models", help="prepare the default model and print its directory")
     models.set_defaults(run=_models)
