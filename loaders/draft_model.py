@@ -43,12 +43,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -610,6 +613,32 @@ def agreement(
     return res
 
 
+def _data_key(target_dir: Path, prompts_recipe, seed: int) -> str:
+    """Hash of what the generated answers depend on: the target's files, the prompts, the seed."""
+    files = sorted(p for p in target_dir.iterdir() if p.suffix in (".safetensors", ".json"))
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    raw = json.dumps([str(target_dir), stats, prompts_recipe, seed], sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _load_cached(path: Path) -> dict | None:
+    try:
+        obj = torch.load(path, weights_only=True)
+    except Exception:  # missing, or unreadable (then it is regenerated and replaced)
+        return None
+    return obj if isinstance(obj, dict) and {"data", "greedy", "generate_s"} <= set(obj) else None
+
+
+def _save_cached(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # --- the build -----------------------------------------------------------------------------------
 def _check_layers(layers: Sequence[int], n: int) -> list[int]:
     layers = [int(i) for i in layers]
@@ -637,6 +666,7 @@ def build_draft(
     extra_prompts_csv: str | Path | None = None,
     generations: Sequence[Generation] | None = None,
     generate_fn: Callable[..., list[Generation]] | None = None,
+    data_cache: bool | str | Path = True,
     device: str = "cpu",
     threads: int | None = None,
     seed: int = 0,
@@ -650,7 +680,10 @@ def build_draft(
     differently raises OutputExistsError unless `overwrite`. `generations` replaces steps 1-2 (every
     example is then treated as greedy and the prompts recipe is recorded as "given");
     `generate_fn(target_dir, prompts, max_new_tokens=, temperature=, seed=, batch=, device=,
-    progress=)` replaces the generator (default `generate_answers`).
+    progress=)` replaces the generator (default `generate_answers`). The target's answers are kept
+    in `data_cache` (True: `<cache>/draft-data/answers-<key>.pt`, keyed by the target's files, the
+    prompts recipe and the seed; False: not kept), so a rebuild with other training settings, or
+    after an interruption, skips the generation.
     """
     t_start = time.perf_counter()
     if target_dir is None:
@@ -701,22 +734,39 @@ def build_draft(
     old_threads = torch.get_num_threads()
     timings: dict[str, float] = {}
     try:
-        # 1-2. data
+        # 1-2. data (cached: a build killed after this step resumes from here)
         t0 = time.perf_counter()
+        cached = None
         if generations is None:
             prompts = instruction_prompts(n_prompts, seed, extra_prompts_csv)
             n_sampled = round(len(prompts) * sampled_fraction)
-            gen = generate_fn or generate_answers
-            kw = dict(
-                max_new_tokens=max_new_tokens, batch=gen_batch, device=device, progress=progress
-            )
-            data = list(gen(target_dir, prompts[n_sampled:], temperature=0.0, seed=seed, **kw))
-            greedy = [True] * len(data)
-            if n_sampled:
-                data += gen(
-                    target_dir, prompts[:n_sampled], temperature=temperature, seed=seed, **kw
+            cache_file = None
+            if data_cache and generate_fn is None:
+                root = cache_dir() / "draft-data" if data_cache is True else Path(data_cache)
+                cache_file = root / f"answers-{_data_key(target_dir, recipe['prompts'], seed)}.pt"
+                cached = _load_cached(cache_file)
+            if cached is not None:
+                data, greedy = cached["data"], cached["greedy"]
+            else:
+                gen = generate_fn or generate_answers
+                kw = dict(
+                    max_new_tokens=max_new_tokens,
+                    batch=gen_batch,
+                    device=device,
+                    progress=progress,
                 )
-                greedy += [False] * n_sampled
+                data = list(gen(target_dir, prompts[n_sampled:], temperature=0.0, seed=seed, **kw))
+                greedy = [True] * len(data)
+                if n_sampled:
+                    data += gen(
+                        target_dir, prompts[:n_sampled], temperature=temperature, seed=seed, **kw
+                    )
+                    greedy += [False] * n_sampled
+                if cache_file is not None:
+                    _save_cached(
+                        cache_file,
+                        {"data": data, "greedy": greedy, "generate_s": time.perf_counter() - t0},
+                    )
         else:
             data = [(list(p), list(g)) for p, g in generations]
             greedy = [True] * len(data)
@@ -726,6 +776,8 @@ def build_draft(
             if max(p + g) >= cfg.vocab_size or min(p + g) < 0:
                 raise ValueError(f"token id out of range for vocab_size={cfg.vocab_size}")
         timings["generate_s"] = time.perf_counter() - t0
+        if cached is not None:  # what the generation took when it ran (this build loaded it)
+            timings["generate_s_cached_run"] = cached["generate_s"]
         torch.set_num_threads(threads or old_threads)
 
         order = list(range(len(data)))
@@ -860,6 +912,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="rebuild even if a draft is there")
+    b.add_argument(
+        "--no-data-cache",
+        action="store_true",
+        help="do not keep/reuse the generated answers under <cache>/draft-data",
+    )
     b.add_argument("--quiet", action="store_true")
     i = sub.add_parser("info", help="print the recorded treadle-draft.json")
     i.add_argument("--path", type=Path, default=None)
@@ -896,6 +953,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra_prompts_csv=args.extra_prompts_csv,
         device=args.device,
         threads=args.threads,
+        data_cache=not args.no_data_cache,
         seed=args.seed,
         overwrite=args.force,
         progress=not args.quiet,

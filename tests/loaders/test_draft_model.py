@@ -264,3 +264,30 @@ def test_find_draft_and_info(tmp_path, capsys):
     assert draft_model.main(["info", "--path", str(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out)["x"] == 1
     assert draft_model.main(["info", "--path", str(tmp_path / "nope")]) == 1
+
+
+def test_generated_answers_are_cached(target, tmp_path, monkeypatch):
+    calls = []
+
+    def gen(target_dir, prompts, *, max_new_tokens, temperature, seed, batch, device, progress):
+        calls.append(temperature)
+        return [([5, 6, 7], [8 + i % 50, 9]) for i in range(len(prompts))]
+
+    monkeypatch.setattr(draft_model, "generate_answers", gen)
+    kw = dict(
+        target_dir=target,
+        layers=(0,),
+        n_prompts=12,
+        max_new_tokens=5,
+        epochs=1,
+        data_cache=tmp_path / "dc",
+        progress=False,
+    )
+    build_draft(tmp_path / "a", **kw)
+    assert calls == [0.0, 0.7] and len(list((tmp_path / "dc").glob("answers-*.pt"))) == 1
+    build_draft(tmp_path / "a", **{**kw, "epochs": 2}, overwrite=True)  # other training: reused
+    assert calls == [0.0, 0.7]
+    info = read_marker(tmp_path / "a")
+    assert info["recipe"]["epochs"] == 2 and "generate_s_cached_run" in info["timings_s"]
+    build_draft(tmp_path / "b", **{**kw, "seed": 1})  # other data: generated again
+    assert calls == [0.0, 0.7, 0.0, 0.7]
