@@ -61,7 +61,8 @@ FORMULA = (
     "tokens/s = B*N / wall s of generate(); speedup = tokens/s / tokens/s(AR) same run; "
     "decode tokens/s = B*(N-1) / (wall - prefill wall [generate with max_new_tokens=1]); "
     "ideal(skip) = (L*lb + hb) / (m*lb + hb), m = measured mean layers/token, lb = mean Linear "
-    "weight bytes per layer, hb = LM head bytes; fraction = speedup / ideal; "
+    "weight bytes per layer, hb = LM head bytes; fraction = decode speedup / ideal "
+    "(end-to-end fraction = speedup / ideal); "
     "ideal(selfspec) = steps_AR*(L*lb+hb) / (rounds*(k*(|draft|*lb+hb) + w*lb + (L-w)*lb + hb))"
 )
 
