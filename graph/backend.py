@@ -8,7 +8,7 @@ torch/cuBLAS on the GPU and numpy's BLAS on the CPU (kernels/linear.py says why)
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
@@ -56,6 +56,16 @@ def _attention_ref(q, cache, layer, step):
     return attention.attention_ref(q.transpose(1, 2), keys, values, step.mask).transpose(1, 2)
 
 
+def _attention_ref_f64(q, cache, layer, step):
+    # Row-invariant attention (see ops_for): in fp64 the order in which a reduction adds its terms
+    # changes the result by ~1e-16, far below an fp32 rounding step, so one query alone and the
+    # same query inside a k-token tree round to the same fp32 output (bar odds of ~1e-9 per value).
+    keys, values = cache.read(layer, step)  # [B, Hkv, S, D]
+    o = attention.attention_ref(q.transpose(1, 2).double(), keys.double(), values.double(),
+                                step.mask)
+    return o.to(q.dtype).transpose(1, 2)
+
+
 def _attention_triton(q, cache, layer, step):
     if step.tree is not None and step.tree_bits is None:
         # A tree over a pending window wider than the step (GSD's level-by-level draft) has no
@@ -88,5 +98,15 @@ TRITON_OPS = Ops(
 )
 
 
-def ops_for(backend: Backend | str) -> Ops:
+# The torch backend for weights narrower than the activations (weight-only bf16 on the CPU). bf16
+# rounding of every product's input and output turns a last-bit difference anywhere into ~0.3 in the
+# logits, so a k-token verify step must compute each row bit for bit as k one-token steps would, or
+# near-tied greedy choices flip. The products are row-invariant (kernels/linear.py splits the one
+# reduction that was not); attention's reductions are made so by running them in fp64.
+TORCH_ROW_INVARIANT_OPS = replace(TORCH_OPS, attention=_attention_ref_f64)
+
+
+def ops_for(backend: Backend | str, row_invariant: bool = False) -> Ops:
+    if row_invariant and Backend(backend) == Backend.TORCH:
+        return TORCH_ROW_INVARIANT_OPS
     return {Backend.TORCH: TORCH_OPS, Backend.TRITON: TRITON_OPS}[Backend(backend)]

@@ -45,10 +45,11 @@ class Transformer:
         self.weights = weights
         self.max_positions = max_positions or cfg.max_position_embeddings
         device = weights.embed.device
-        self.ops = ops_for(backend or Backend.default_for(device))
+        narrow_weights = weights.embed.dtype != weights.norm.dtype  # weight-only precision
+        self.ops = ops_for(backend or Backend.default_for(device), row_invariant=narrow_weights)
         cos, sin = rope_tables(rope_inv_freq(cfg), self.max_positions)
         self.cos, self.sin = cos.to(device), sin.to(device)  # [P, D] fp32, see kernels/rope.py
-        self.dtype = weights.embed.dtype
+        self.dtype = weights.norm.dtype  # activations (weights may be narrower)
         self.device = device
 
     @property
@@ -73,7 +74,10 @@ class Transformer:
         eps = cfg.rms_norm_eps
         batch, width = step.tokens.shape
         layers = list(self.all_layers if layers is None else layers)
-        h = F.embedding(step.tokens, w.embed) if start is None else start  # [B, T, d]
+        if start is None:
+            h = F.embedding(step.tokens, w.embed).to(self.dtype)  # [B, T, d]
+        else:
+            h = start
         if input_embeds is not None:
             h = h + input_embeds.to(h.dtype)
         n_qk = cfg.num_heads + cfg.num_kv_heads

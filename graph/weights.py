@@ -74,8 +74,15 @@ class Linear:
     host: np.ndarray | None = None
 
     @classmethod
-    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-        weight = weight.contiguous()
+    def of(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Linear:
+        """`dtype`, if given, stores the weight in it (weight-only precision: kernels/linear.py);
+        the bias keeps the activations' dtype."""
+        weight = weight.to(dtype or weight.dtype).contiguous()
         cpu32 = weight.device.type == "cpu" and weight.dtype == torch.float32
         return cls(weight, bias, weight.numpy() if cpu32 else None)
 
@@ -98,8 +105,18 @@ class ModelWeights:
     lm_head: Linear  # [V, d]; shares storage with `embed` when the embeddings are tied
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], cfg: ModelConfig) -> ModelWeights:
-        """Fuse a checked HF-layout state dict (see loaders/safetensors_weights.py)."""
+    def from_state_dict(
+        cls,
+        state: dict[str, torch.Tensor],
+        cfg: ModelConfig,
+        weight_dtype: torch.dtype | None = None,
+    ) -> ModelWeights:
+        """Fuse a checked HF-layout state dict (see loaders/safetensors_weights.py).
+
+        `weight_dtype` stores the matrices (and the embedding, which a tied LM head shares) in a
+        narrower dtype than the activations; the norms keep the state dict's dtype, which is the
+        dtype the forward computes in.
+        """
 
         def fused(i: int, field: str) -> torch.Tensor | None:
             blocks = sorted(
@@ -116,15 +133,19 @@ class ModelWeights:
             layers.append(
                 LayerWeights(
                     attn_norm=fused(i, "attn_norm"),
-                    qkv=Linear.of(fused(i, "qkv"), fused(i, "qkv_bias")),
-                    o=Linear.of(fused(i, "o")),
+                    qkv=Linear.of(fused(i, "qkv"), fused(i, "qkv_bias"), weight_dtype),
+                    o=Linear.of(fused(i, "o"), dtype=weight_dtype),
                     mlp_norm=fused(i, "mlp_norm"),
-                    gate_up=Linear.of(fused(i, "gate_up")),
-                    down=Linear.of(fused(i, "down")),
+                    gate_up=Linear.of(fused(i, "gate_up"), dtype=weight_dtype),
+                    down=Linear.of(fused(i, "down"), dtype=weight_dtype),
                 )
             )
-        embed = state["model.embed_tokens.weight"].contiguous()
+        embed = state["model.embed_tokens.weight"]
+        embed = embed.to(weight_dtype or embed.dtype).contiguous()
         head = embed if cfg.tie_word_embeddings else state["lm_head.weight"]
         return cls(
-            embed=embed, layers=layers, norm=state["model.norm.weight"], lm_head=Linear.of(head)
+            embed=embed,
+            layers=layers,
+            norm=state["model.norm.weight"],
+            lm_head=Linear.of(head, dtype=weight_dtype),
         )

@@ -639,6 +639,115 @@ def _save_cached(path: Path, obj: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _split(n: int, heldout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(held-out, training) example indices: a seeded shuffle, the first fraction held out."""
+    order = list(range(n))
+    random.Random(seed + 2).shuffle(order)
+    n_held = max(1, round(n * heldout_fraction)) if n > 1 else 0
+    return sorted(order[:n_held]), sorted(order[n_held:])
+
+
+# --- the n-gram table: the target's habitual phrases, a model-free draft source ------------------
+NGRAM_FILE = "ngram-table.json"
+
+
+NGRAM_ORDER = 3
+
+
+def count_next_tokens(
+    sequences: Sequence[Sequence[int]], order: int = NGRAM_ORDER, min_count: int = 2, top: int = 2
+) -> dict[tuple[int, ...], list[int]]:
+    """context (1..order tokens) -> its `top` most frequent next tokens, for contexts seen at least
+    `min_count` times."""
+    counts: dict[tuple[int, ...], dict[int, int]] = {}
+    for seq in sequences:
+        seq = list(seq)
+        for i in range(len(seq) - 1):
+            for n in range(1, min(order, i + 1) + 1):
+                after = counts.setdefault(tuple(seq[i - n + 1 : i + 1]), {})
+                after[seq[i + 1]] = after.get(seq[i + 1], 0) + 1
+    return {
+        ctx: [t for t, _ in sorted(after.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
+        for ctx, after in counts.items()
+        if sum(after.values()) >= min_count
+    }
+
+
+def ngram_table_of(train_data: Sequence[Generation]) -> dict[tuple[int, ...], list[int]]:
+    """Counted over prompt + answer of the training examples only (the held-out ones stay
+    unseen, as for the distilled model)."""
+    return count_next_tokens([list(p) + list(g) for p, g in train_data])
+
+
+def write_ngram_table(
+    table: dict[tuple[int, ...], list[int]], path: Path, vocab_size: int, order: int = NGRAM_ORDER
+) -> None:
+    """Atomically (temp file + rename) write `table` (contexts of up to `order` tokens) as JSON."""
+    obj = {
+        "format": 1,
+        "order": order,
+        "vocab_size": vocab_size,
+        "next_tokens": [[list(ctx), nxt] for ctx, nxt in table.items()],
+    }
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        tmp.write_text(json.dumps(obj, separators=(",", ":")))
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_ngram_table(
+    draft: str | Path, vocab_size: int
+) -> tuple[dict[tuple[int, ...], list[int]], int]:
+    """(table, order) of a draft directory, checked against the target's vocabulary."""
+    path = Path(draft) / NGRAM_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no n-gram table (made by `treadle draft build`; for a draft built before "
+            "it existed: `treadle draft ngram`)"
+        )
+    try:
+        obj = json.loads(path.read_text())
+        order, entries = int(obj["order"]), obj["next_tokens"]
+        table = {tuple(int(t) for t in ctx): [int(t) for t in nxt] for ctx, nxt in entries}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a treadle n-gram table ({e})") from None
+    if obj.get("vocab_size") != vocab_size:
+        raise ValueError(
+            f"{path}: made for a vocabulary of {obj.get('vocab_size')} tokens, but the target "
+            f"has {vocab_size}"
+        )
+    bad = [t for ctx, nxt in table.items() for t in (*ctx, *nxt) if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{path}: token id {bad[0]} out of range for vocab_size={vocab_size}")
+    return table, order
+
+
+def add_ngram_table(draft: str | Path | None = None) -> Path:
+    """Make the n-gram table of an already built draft from the target answers its build cached
+    (`<cache>/draft-data`), with the same training split. Returns the table's path."""
+    draft = Path(draft) if draft is not None else draft_dir()
+    info = read_marker(draft)
+    if info is None:
+        raise FileNotFoundError(f"{draft}: no finished draft (run `treadle draft build`)")
+    recipe = info["recipe"]
+    key = _data_key(Path(recipe["target"]), recipe["prompts"], recipe["seed"])
+    cached = _load_cached(cache_dir() / "draft-data" / f"answers-{key}.pt")
+    if cached is None:
+        raise FileNotFoundError(
+            f"{draft}: the target answers of its build are not cached any more; rebuild with "
+            "`treadle draft build --force`"
+        )
+    data = cached["data"]
+    _, train = _split(len(data), recipe["heldout_fraction"], recipe["seed"])
+    cfg = ModelConfig.from_json(draft)
+    path = draft / NGRAM_FILE
+    write_ngram_table(ngram_table_of([data[i] for i in train]), path, cfg.vocab_size)
+    return path
+
+
 # --- the build -----------------------------------------------------------------------------------
 def _check_layers(layers: Sequence[int], n: int) -> list[int]:
     layers = [int(i) for i in layers]
@@ -780,10 +889,7 @@ def build_draft(
             timings["generate_s_cached_run"] = cached["generate_s"]
         torch.set_num_threads(threads or old_threads)
 
-        order = list(range(len(data)))
-        random.Random(seed + 2).shuffle(order)
-        n_held = max(1, round(len(data) * heldout_fraction)) if len(data) > 1 else 0
-        held, train = sorted(order[:n_held]), sorted(order[n_held:])
+        held, train = _split(len(data), heldout_fraction, seed)
         train_data = [data[i] for i in train]
         held_data, held_greedy = [data[i] for i in held], [greedy[i] for i in held]
 
@@ -825,6 +931,7 @@ def build_draft(
         torch.set_num_threads(old_threads)
 
     # 6. write
+    ngram_table = ngram_table_of(train_data)
     draft_cfg = json.loads((target_dir / "config.json").read_text())
     draft_cfg["num_hidden_layers"] = len(layers)
     draft_cfg.pop("layer_types", None)  # per-layer lists of newer exports would be too long
@@ -848,6 +955,7 @@ def build_draft(
             "greedy_examples": sum(greedy),
             "sampled_examples": len(greedy) - sum(greedy),
         },
+        "ngram_table": {"file": NGRAM_FILE, "contexts": len(ngram_table), "source": "train"},
         "train_loss_per_epoch": [round(x, 4) for x in losses],
         "agreement_heldout_before_training": before,
         "agreement_heldout": after,
@@ -870,6 +978,7 @@ def build_draft(
                 shutil.copyfile(target_dir / name, tmp / name)
                 _fsync(tmp / name)
         _write_json(tmp / "config.json", draft_cfg)
+        write_ngram_table(ngram_table, tmp / NGRAM_FILE, cfg.vocab_size)
         info["wall_time_s"] = round(time.perf_counter() - t_start, 1)
         _write_json(tmp / MARKER, info)  # last: its presence means the build finished
     return out
@@ -918,10 +1027,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="do not keep/reuse the generated answers under <cache>/draft-data",
     )
     b.add_argument("--quiet", action="store_true")
+    g = sub.add_parser("ngram", help="add the n-gram table to a draft built without one")
+    g.add_argument("--path", type=Path, default=None)
     i = sub.add_parser("info", help="print the recorded treadle-draft.json")
     i.add_argument("--path", type=Path, default=None)
     args = ap.parse_args(argv)
 
+    if args.cmd == "ngram":
+        print(add_ngram_table(args.path))
+        return 0
     if args.cmd == "info":
         path = args.path or draft_dir()
         info = read_marker(path)

@@ -18,12 +18,9 @@ Results go to perf/results/bench_decode-<host>.json with the machine and the com
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP pool
-
 import argparse
 import json
+import os
 import platform
 import sys
 import time

@@ -41,10 +41,6 @@ speedup).
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP pool
-
 import argparse
 import json
 import platform

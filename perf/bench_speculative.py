@@ -11,15 +11,15 @@ produces the same number of tokens. Per method and setting:
     mean accepted   = tokens emitted per verify step (accepted drafts + the target's own token)
     draft / verify  = seconds spent drafting / verifying, over all prompts
     merged          = draft nodes GSD reused by merging instead of drafting them
+Every method, AR included, runs with the same --weight-dtype (default bf16 weights, fp32
+activations: on an AVX-512 BF16 CPU a k-node verify step then costs about one token's step,
+perf/bench_linear.py; the forward is row-invariant there, so greedy output stays token-identical);
+a closing row gives AR with fp32 weights for reference.
 Greedy rows also check that the output is token-identical to AR. Results: JSON + CSV + a PNG plot
 of speedup against the node budget in perf/results/.
 """
 
 from __future__ import annotations
-
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import csv
@@ -36,6 +36,8 @@ from bench_decode import machine, mt_bench_prompts  # noqa: E402
 
 
 def methods(budgets: list[int], draft: str):
+    """(name, node budget, method). Drafts: the derived model (`draft`), prompt lookup ("ngram"),
+    and prompt lookup + the derived draft's n-gram table ("ngramtab" = "ngram+default")."""
     from treadle.runtime.methods import AR, Speculative
 
     yield "ar", None, AR()
@@ -47,10 +49,11 @@ def methods(budgets: list[int], draft: str):
         for tau in (0, 1):
             yield f"gsd-tau{tau}-b{budget}", budget, Speculative.gsd(
                 k=4, tau=tau, depth=4, budget=budget, draft=draft)
-    yield "ngram-chain-d4", 5, Speculative.chain(depth=4, draft="ngram")
-    for budget in budgets:
-        yield f"ngram-gsd-b{budget}", budget, Speculative.gsd(
-            k=4, tau=0, depth=6, budget=budget, draft="ngram")
+    for prefix, source in (("ngram", "ngram"), ("ngramtab", "ngram+default")):
+        yield f"{prefix}-chain-d4", 5, Speculative.chain(depth=4, draft=source)
+        for budget in budgets:
+            yield f"{prefix}-gsd-b{budget}", budget, Speculative.gsd(
+                k=4, tau=0, depth=6, budget=budget, draft=source)
 
 
 def main() -> int:
@@ -63,12 +66,21 @@ def main() -> int:
     ap.add_argument("--draft", default="default", help="draft model: 'default' or a directory")
     ap.add_argument("--only", help="comma-separated method names to run (plus ar)")
     ap.add_argument("--out", default=None, help="results file stem (default perf/results/...)")
+    ap.add_argument(
+        "--weight-dtype",
+        default="bfloat16",
+        choices=["float32", "bfloat16"],
+        help="weight matrices' dtype for every method, AR included (activations stay fp32); "
+        "bfloat16 keeps a k-token verify step near the cost of one token (perf/bench_linear.py)",
+    )
+    ap.add_argument("--no-fp32-reference", action="store_true",
+                    help="skip the closing AR row with fp32 weights")
     args = ap.parse_args()
 
     import torch
     import treadle
 
-    llm = treadle.load()
+    llm = treadle.load(weight_dtype=args.weight_dtype)
     questions = mt_bench_prompts(args.prompts, args.n_prompts)
     prompt_ids = [llm.encode(q, chat=True) for q in questions]
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -79,8 +91,12 @@ def main() -> int:
         for name, budget, method in methods(budgets, args.draft):
             if only and name not in only:
                 continue
-            if temp > 0 and name.startswith("ngram-gsd"):
-                continue  # n-gram trees propose a single chain when sampling: same as ngram-chain
+            if temp > 0 and name.startswith(("ngram-gsd", "ngramtab-gsd")):
+                continue  # n-gram trees propose a single chain when sampling: same as the chain
+            if temp > 0 and name.startswith(("gsd-tau1", "sd-chain-d3", "tree-sd")):
+                continue  # keeps the sampled table to one GSD family and the chain ends (time)
+            if name.startswith("gsd-tau1") and name not in ("gsd-tau1-b8", "gsd-tau1-b16"):
+                continue  # tau=1 at two budgets only (time)
             params_for = [treadle.SamplingParams(max_new_tokens=args.max_new_tokens,
                                                  temperature=temp, seed=1000 + i, ignore_eos=True)
                           for i in range(len(prompt_ids))]
@@ -114,8 +130,24 @@ def main() -> int:
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
+    if args.weight_dtype != "float32" and not args.no_fp32_reference:
+        # The plain fp32 runtime's AR, for reference (the speedups above are against the AR row
+        # with the same weights). Loaded last: an fp32 model sets torch's threads for numpy's BLAS.
+        ref = treadle.load(weight_dtype="float32")
+        params = treadle.SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
+        ref.generate(prompt_ids[0], treadle.SamplingParams(max_new_tokens=8))
+        t0 = time.perf_counter()
+        n = sum(len(ref.generate(ids, params).tokens) for ids in prompt_ids)
+        tps = n / (time.perf_counter() - t0)
+        ar0 = next(r for r in rows if r["method"] == "ar" and r["temperature"] == 0)
+        row = {"method": "ar-fp32-weights", "temperature": 0.0, "node_budget": None, "tokens": n,
+               "tokens_per_s": round(tps, 2), "speedup_vs_ar": round(tps / ar0["tokens_per_s"], 3)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
     result = {
         "benchmark": "speculative decoding vs AR, default model, batch 1",
+        "weight_dtype": args.weight_dtype,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
         "prompts": f"{args.prompts} (first turns, {len(questions)} round-robin by category)",
@@ -148,7 +180,7 @@ def _plot(rows, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, temp in zip(axes, (0.0, 0.7)):
-        for family in ("tree-sd", "gsd-tau0", "gsd-tau1", "ngram-gsd"):
+        for family in ("tree-sd", "gsd-tau0", "gsd-tau1", "ngram-gsd", "ngramtab-gsd"):
             pts = sorted((r["node_budget"], r["speedup_vs_ar"]) for r in rows
                          if r["temperature"] == temp and r["method"].startswith(family + "-b"))
             if pts:

@@ -29,13 +29,10 @@ adding a prefix to METHOD_PREFIXES.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP pool
-
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import sys

@@ -272,13 +272,51 @@ class ModelDraft:
         return pending
 
 
-class NgramDraft:
-    """Prompt-lookup drafting: continuations of earlier occurrences of the last n tokens, merged
-    into a trie. No model; when sampling, only the first continuation is proposed (a chain), since
-    its draft distribution is a point mass and the multi-candidate rule needs one per parent."""
+class NgramTable:
+    """The most frequent next tokens after each context of up to `order` tokens, counted over a
+    corpus (for the default model: its own answers, loaders/draft_model.py), as a second source of
+    draft hypotheses beside prompt lookup: phrases the model habitually writes, such as list and
+    closing formulas, that the current prompt has not shown yet."""
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_matches: int = 4):
+    def __init__(self, next_tokens: dict[tuple[int, ...], list[int]], order: int):
+        self.next_tokens, self.order = next_tokens, order
+
+    def next(self, context: Sequence[int]) -> list[int]:
+        """Next tokens after the longest suffix of `context` that the table knows."""
+        for n in range(min(self.order, len(context)), 0, -1):
+            found = self.next_tokens.get(tuple(context[-n:]))
+            if found:
+                return found
+        return []
+
+    def paths(self, context: Sequence[int], depth: int, width: int) -> list[list[int]]:
+        """Up to `width` continuations of `depth` tokens: a beam that branches on every known next
+        token, most frequent first."""
+        paths: list[list[int]] = [[]]
+        ctx = list(context)
+        for _ in range(depth):
+            grown = [p + [t] for p in paths for t in self.next(ctx + p)]
+            if not grown:
+                break
+            paths = grown[:width]
+        return [p for p in paths if p]
+
+
+class NgramDraft:
+    """N-gram drafting, no model: continuations of earlier occurrences of the last n tokens (prompt
+    lookup), plus, given a `table`, the continuations it predicts, merged into a trie. When
+    sampling, only the first continuation is proposed (a chain), since its draft distribution is a
+    point mass and the multi-candidate rule needs one per parent."""
+
+    def __init__(
+        self,
+        max_ngram: int = 3,
+        min_ngram: int = 1,
+        max_matches: int = 4,
+        table: NgramTable | None = None,
+    ):
         self.max_ngram, self.min_ngram, self.max_matches = max_ngram, min_ngram, max_matches
+        self.table = table
 
     def continuations(self, context: Sequence[int], depth: int) -> list[list[int]]:
         """Up to max_matches continuations (most recent match first) of the longest n-gram suffix
@@ -302,6 +340,9 @@ class NgramDraft:
         """context ends with the root."""
         dag = DAG([Node(context[-1], -1, 0, 1.0, True, in_edges=[])])
         conts = self.continuations(context, p.max_depth)
+        if self.table is not None:
+            conts += [c for c in self.table.paths(context, p.max_depth, self.max_matches)
+                      if c not in conts]
         if not params.greedy:
             conts = conts[:1]
         for cont in conts:

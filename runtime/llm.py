@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -14,7 +15,7 @@ from ..graph.model import Transformer
 from ..graph.weights import ModelWeights
 from ..loaders.safetensors_weights import read_state_dict
 from ..loaders.tokenizer import Tokenizer
-from .gsd import ModelDraft, NgramDraft
+from .gsd import ModelDraft, NgramDraft, NgramTable
 from .kv_cache import KVCache
 from .methods import AR, Method, Speculative, run_method, slack_slots
 from .request import Request
@@ -52,18 +53,28 @@ class LLM:
         dtype: str | torch.dtype = "float32",
         device: str = "cpu",
         max_seq_len: int = 4096,
+        weight_dtype: str | torch.dtype | None = None,
     ):
+        """`dtype` is what the forward computes in (activations, KV cache); `weight_dtype` (default:
+        `dtype`) is what the matrices are stored and multiplied in. "bfloat16" weights under
+        float32 activations halve the bytes per token and, on a CPU with AVX-512 BF16, make a
+        k-token verification step cost about what one token does (kernels/linear.py)."""
+        dtype = _dtype(dtype, "dtype")
+        weight_dtype = dtype if weight_dtype is None else _dtype(weight_dtype, "weight_dtype")
         if torch.device(device).type == "cpu":
-            # The CPU backend streams weights through numpy's BLAS threads; torch's own pool only
-            # runs the small per-token ops, where a second thread loses more to contention than it
-            # gains (a decode step ran 4x slower with both pools at 2 threads).
-            torch.set_num_threads(1)
+            if weight_dtype == torch.float32:
+                # fp32 weights stream through numpy's BLAS threads; torch's own pool only runs the
+                # small per-token ops, where a second thread loses more to contention than it
+                # gains (a decode step ran 4x slower with both pools at 2 threads).
+                torch.set_num_threads(1)
+            else:  # the products run in torch (oneDNN): its pool is the only busy one
+                torch.set_num_threads(_physical_cores())
         self.model_dir = Path(model_dir)
         self.config = ModelConfig.from_json(self.model_dir)
-        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         state = read_state_dict(self.model_dir, self.config, dtype)
         state = {name: t.to(device) for name, t in state.items()}
-        weights = ModelWeights.from_state_dict(state, self.config)
+        weights = ModelWeights.from_state_dict(state, self.config, weight_dtype)
+        self.weight_dtype = weight_dtype
         self.max_seq_len = min(max_seq_len, self.config.max_position_embeddings)
         # Drafting may write up to DRAFT_SLACK slots past a full context (a speculative tree's
         # nodes before verification cuts them), so the RoPE tables reach that far.
@@ -79,6 +90,7 @@ class LLM:
         self._cache: KVCache | None = None
         self.last_completion: Completion | None = None  # set when a `stream` ends
         self._drafts: dict[str, LLM] = {}
+        self._tables: dict[Path, NgramTable] = {}
 
     # --- prompts ----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int], chat: bool = False, system: str | None = None):
@@ -149,17 +161,37 @@ class LLM:
                     )
             else:
                 path = spec
-            draft = load(path, dtype=self.model.dtype, device=str(self.model.device),
-                         max_seq_len=self.max_seq_len)
+            draft = load(
+                path,
+                dtype=self.model.dtype,
+                device=str(self.model.device),
+                max_seq_len=self.max_seq_len,
+                weight_dtype=self.weight_dtype,
+            )
             check_draft_vocab(self, draft)
             self._drafts[spec] = draft
         return self._drafts[spec]
+
+    def ngram_table(self, draft: str | Path | None = None) -> NgramTable:
+        """The n-gram table of a derived draft (default: the default model's), loaded once."""
+        from ..loaders.draft_model import find_draft, read_ngram_table
+
+        path = find_draft(draft)
+        if path is None:
+            raise FileNotFoundError(
+                "no draft for the default model has been built yet: run `treadle draft build`"
+            )
+        if path not in self._tables:
+            self._tables[path] = NgramTable(*read_ngram_table(path, self.config.vocab_size))
+        return self._tables[path]
 
     def _draft_source(self, method: Method, requests: list[Request], slack: int):
         if not isinstance(method, Speculative):
             return None
         if method.draft == "ngram":
             return NgramDraft()
+        if method.draft == "ngram+default":
+            return NgramDraft(table=self.ngram_table())
         draft = self.draft_model(method.draft)
         need = max(len(r.prompt) + r.params.max_new_tokens for r in requests) + slack
         cache = KVCache(draft.config, len(requests), need, draft.model.dtype, draft.model.device)
@@ -237,6 +269,7 @@ def load(
     dtype: str | torch.dtype = "float32",
     device: str = "cpu",
     max_seq_len: int = 4096,
+    weight_dtype: str | torch.dtype | None = None,
 ) -> LLM:
     """Load a model directory or GGUF file; None loads the embedded default model."""
     if path is None:
@@ -248,4 +281,18 @@ def load(
         from ..loaders.default_model import converted_gguf_dir
 
         path = converted_gguf_dir(path)
-    return LLM(path, dtype=dtype, device=device, max_seq_len=max_seq_len)
+    return LLM(
+        path, dtype=dtype, device=device, max_seq_len=max_seq_len, weight_dtype=weight_dtype
+    )
+
+
+def _dtype(value: str | torch.dtype, what: str) -> torch.dtype:
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    if isinstance(value, str) and value in DTYPES:
+        return DTYPES[value]
+    raise ValueError(f"{what}={value!r}: expected one of {', '.join(DTYPES)}")
+
+
+def _physical_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -67,7 +67,9 @@ class Speculative:
     """Lossless speculative decoding with a draft: chain SD (k=1, tau=-1), tree SD (k>1,
     tau=-1) or GSD (tau >= 0: recurring draft sequences merged into a DAG). The draft is
     "default" (the draft derived from the default model: `treadle draft build`), "ngram"
-    (prompt lookup, no model), or a model directory / GGUF file with the target's vocabulary."""
+    (prompt lookup, no model), "ngram+default" (prompt lookup plus the n-gram table of the default
+    model's habitual phrases that the build counts), or a model directory / GGUF file with the
+    target's vocabulary."""
 
     draft: str = "default"
     k: int = 1

@@ -104,7 +104,7 @@ def save_hf_model(model, path: Path) -> Path:
 
 
 def load_tiny(name: str, path, vocab_size: int = 211, seed: int = 0, num_layers: int | None = None,
-              max_positions: int = 256):
+              max_positions: int = 256, weight_dtype: torch.dtype | None = None):
     """A treadle Transformer over a fresh tiny random checkpoint saved at `path`."""
     from treadle.graph.config import ModelConfig
     from treadle.graph.model import Transformer
@@ -113,5 +113,5 @@ def load_tiny(name: str, path, vocab_size: int = 211, seed: int = 0, num_layers:
 
     save_hf_model(make_hf_model(name, vocab_size, seed, num_layers), path)
     cfg = ModelConfig.from_json(path)
-    return Transformer(cfg, ModelWeights.from_state_dict(read_state_dict(path, cfg), cfg),
-                       max_positions)
+    weights = ModelWeights.from_state_dict(read_state_dict(path, cfg), cfg, weight_dtype)
+    return Transformer(cfg, weights, max_positions)

@@ -126,6 +126,9 @@ def test_build_pipeline_end_to_end(target, tmp_path):
     agree = info["agreement_heldout"]
     assert 0.0 <= agree["agreement"] <= 1.0 and agree["positions"] > 0
     assert set(agree["tokens_per_chain_round"]) == {"1", "2", "3", "4", "6", "8"}
+    # the n-gram table, counted over the training examples only
+    table, order = draft_model.read_ngram_table(out, VOCAB)
+    assert order == 3 and info["ngram_table"]["contexts"] == len(table) > 0
 
 
 def test_training_raises_agreement_on_training_data(target):
@@ -291,3 +294,29 @@ def test_generated_answers_are_cached(target, tmp_path, monkeypatch):
     assert info["recipe"]["epochs"] == 2 and "generate_s_cached_run" in info["timings_s"]
     build_draft(tmp_path / "b", **{**kw, "seed": 1})  # other data: generated again
     assert calls == [0.0, 0.7, 0.0, 0.7]
+
+
+def test_ngram_table_counts_and_round_trips(tmp_path):
+    seqs = [[1, 2, 3, 4], [1, 2, 3, 5], [9, 2, 3, 4], [7, 7]]
+    table = draft_model.count_next_tokens(seqs, order=2, min_count=2)
+    assert table[(2, 3)] == [4, 5]  # 4 seen twice, 5 once; most frequent first
+    assert table[(3,)] == [4, 5] and table[(2,)] == [3]
+    assert (7,) not in table and (1, 2) in table and (9, 2) not in table  # seen once
+    path = tmp_path / draft_model.NGRAM_FILE
+    draft_model.write_ngram_table(table, path, vocab_size=10, order=2)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
+    assert draft_model.read_ngram_table(tmp_path, 10) == (table, 2)
+
+
+def test_ngram_table_bad_input_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no n-gram table"):
+        draft_model.read_ngram_table(tmp_path, 10)
+    draft_model.write_ngram_table({(1, 2): [3]}, tmp_path / draft_model.NGRAM_FILE, 10)
+    with pytest.raises(ValueError, match="vocabulary of 10 tokens, but the target has 12"):
+        draft_model.read_ngram_table(tmp_path, 12)
+    (tmp_path / draft_model.NGRAM_FILE).write_text('{"order": 3, "next_tok')  # truncated
+    with pytest.raises(ValueError, match="not a treadle n-gram table"):
+        draft_model.read_ngram_table(tmp_path, 10)
+    draft_model.write_ngram_table({(1, 2): [30]}, tmp_path / draft_model.NGRAM_FILE, 10)
+    with pytest.raises(ValueError, match="token id 30 out of range"):
+        draft_model.read_ngram_table(tmp_path, 10)

@@ -7,7 +7,7 @@ import os
 import pytest
 import treadle
 from treadle.__main__ import main
-from treadle.runtime.llm import PromptError
+from treadle.runtime.llm import LLM, PromptError
 
 pytestmark = pytest.mark.default_model
 
@@ -82,3 +82,21 @@ def test_drafting_methods_run_up_to_a_full_context(small_context, method):
     out = small_context.generate(ids, params, method=m)
     ref = small_context.generate(ids, params)
     assert out.finish_reason == "length" and out.tokens == ref.tokens
+
+
+@pytest.mark.parametrize("kw", [{"dtype": "fp8"}, {"weight_dtype": "int4"}])
+def test_unknown_dtype_is_a_clear_error(kw):
+    name, value = next(iter(kw.items()))
+    with pytest.raises(ValueError, match=rf"{name}='{value}': expected one of float32, bfloat16"):
+        LLM("/nonexistent", **kw)
+
+
+def test_bf16_weights_generate_from_the_cli(small_context, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["generate", "--weight-dtype", "bfloat16", "--max-new-tokens", "6", "Hi"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # a bf16-weight model takes torch's pool for its products
+    assert "6 tokens" in capsys.readouterr().out

@@ -8,8 +8,17 @@ import random
 import pytest
 import torch
 from tiny_models import load_tiny
+from treadle.loaders.draft_model import count_next_tokens
 from treadle.runtime.ar import generate_ar
-from treadle.runtime.gsd import DAG, GSDParams, ModelDraft, NgramDraft, Node, unfold
+from treadle.runtime.gsd import (
+    DAG,
+    GSDParams,
+    ModelDraft,
+    NgramDraft,
+    NgramTable,
+    Node,
+    unfold,
+)
 from treadle.runtime.kv_cache import KVCache
 from treadle.runtime.request import Request
 from treadle.runtime.sampling import SamplingParams, probabilities
@@ -72,6 +81,21 @@ def test_greedy_is_token_identical_to_ar(target, draft, name):
     assert stats.steps > 0
 
 
+@pytest.mark.parametrize("name", ["chain", "gsd-tau0"])
+def test_greedy_is_token_identical_to_ar_with_bf16_weights(tmp_path, name):
+    # Weight-only bf16 (the fast CPU setting): checks that speculation has no dtype slip on this
+    # path (KV writes, draft logits, verify). The tiny model's logit gaps are wide, so the bf16
+    # rounding differences between AR's one-row and verify's k-row products cannot flip a token
+    # here; on a real model they can at near-ties (README, "Weight precision").
+    bf16 = torch.bfloat16
+    target = load_tiny("llama_gqa_tied", tmp_path / "t", num_layers=3, weight_dtype=bf16)
+    draft = load_tiny("llama_gqa_tied", tmp_path / "d", seed=7, num_layers=1, weight_dtype=bf16)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    got, stats = speculative(target, draft, prompts_for(4), params, CONFIGS[name])
+    assert got == ar(target, prompts_for(4), params)
+    assert stats.steps > 0
+
+
 def test_the_target_as_its_own_draft_accepts_everything(target):
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
     p = GSDParams(k=1, tau=-1, max_depth=4, node_budget=8, prob_threshold=0.0)
@@ -84,6 +108,23 @@ def test_ngram_draft_greedy_is_token_identical(target):
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     got, stats = speculative(target, NgramDraft(), prompts_for(3), params, CONFIGS["gsd-tau0"])
     assert got == ar(target, prompts_for(3), params)
+
+
+def test_ngram_table_draft_greedy_is_token_identical(target):
+    # A table that predicts the target's own greedy continuations (counted over them) must be
+    # accepted deeply; one counted over noise proposes wrong tokens that must all be rejected.
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    prompts = prompts_for(5)
+    want = ar(target, prompts, params)
+    rng = random.Random(0)
+    noise = [[rng.randrange(211) for _ in range(60)] for _ in range(20)]
+    for seqs, deep in (([p + w for p, w in zip(prompts, want)], True), (noise, False)):
+        table = NgramTable(count_next_tokens(seqs, order=3, min_count=1), order=3)
+        got, stats = speculative(target, NgramDraft(table=table), prompts, params,
+                                 CONFIGS["gsd-tau0"])
+        assert got == want
+        mean = sum(a + 1 for a in stats.accepted) / len(stats.accepted)
+        assert (mean > 2.5) if deep else (mean < 2.0), mean
 
 
 def test_gsd_merges_and_never_makes_a_node_its_own_ancestor(target, draft):
