@@ -79,8 +79,11 @@ class DAG:
             out.append(self.nodes[i].token)
         return out
 
-    def add_child(self, parent: int, token: int, prob: float, p: GSDParams, expandable: bool):
-        """Attach `token` under `parent`: as an edge to a matching existing node, or a new node."""
+    def add_child(
+        self, parent: int, token: int, prob: float, p: GSDParams, expandable: bool
+    ) -> tuple[int, bool]:
+        """Attach `token` under `parent`: as an edge to a matching existing node, or a new node.
+        Returns (the node now under `parent`, whether it is new)."""
         if p.tau >= 0:
             want = [self.nodes[parent].token] + self.context(parent, p.tau)
             want = want[: p.tau]
@@ -92,13 +95,13 @@ class DAG:
                     self.nodes[parent].children.append(j)
                     n.in_edges.append(parent)
                     self.merged += 1
-                    return None
+                    return j, False
         par = self.nodes[parent]
         node = Node(token, parent, par.depth + 1, par.path_prob * prob, expandable)
         node.in_edges.append(parent)
         self.nodes.append(node)
         par.children.append(len(self.nodes) - 1)
-        return len(self.nodes) - 1
+        return len(self.nodes) - 1, True
 
 
 @dataclass
@@ -223,9 +226,9 @@ class ModelDraft:
             if len(dag.nodes) >= p.node_budget:
                 break
             expandable = may_expand and node.path_prob * prob >= p.prob_threshold
-            new = dag.add_child(node_id, token, prob, p, expandable)
-            if new is not None:
-                made.append(new)
+            child, is_new = dag.add_child(node_id, token, prob, p, expandable)
+            if is_new:
+                made.append(child)
         return made
 
     def _score(self, rows, dags, frontier) -> torch.Tensor:
@@ -304,9 +307,12 @@ class NgramTable:
 
 class NgramDraft:
     """N-gram drafting, no model: continuations of earlier occurrences of the last n tokens (prompt
-    lookup), plus, given a `table`, the continuations it predicts, merged into a trie. When
-    sampling, only the first continuation is proposed (a chain), since its draft distribution is a
-    point mass and the multi-candidate rule needs one per parent."""
+    lookup), plus, given a `table`, the continuations it predicts. They are laid into the DAG by
+    the same rules as a model's hypotheses: each node keeps at most k distinct next tokens (so k=1
+    drafts one chain, the first continuation), a token that recurs elsewhere in the DAG with the
+    same tau ancestors becomes an edge to it (tau=-1: a plain trie), and drafting stops at the node
+    budget. When sampling, only the first continuation is proposed, since its draft distribution
+    is a point mass and the multi-candidate rule needs one per parent."""
 
     def __init__(
         self,
@@ -348,7 +354,12 @@ class NgramDraft:
         for cont in conts:
             at = 0
             for tok in cont:
-                existing = [c for c in dag.nodes[at].children if dag.nodes[c].token == tok]
-                at = existing[0] if existing else dag.add_child(at, tok, 1.0, GSDParams(
-                    k=p.k, tau=-1, max_depth=p.max_depth, node_budget=p.node_budget), True)
+                node = dag.nodes[at]
+                known = [c for c in node.children if dag.nodes[c].token == tok]
+                if known:
+                    at = known[0]
+                    continue
+                if len(set(node.children)) >= p.k or len(dag.nodes) >= p.node_budget:
+                    break
+                at, _ = dag.add_child(at, tok, 1.0, p, expandable=True)
         return dag

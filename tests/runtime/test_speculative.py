@@ -110,6 +110,46 @@ def test_ngram_draft_greedy_is_token_identical(target):
     assert got == ar(target, prompts_for(3), params)
 
 
+def test_ngram_dag_respects_k_tau_and_budget():
+    # Context ...7 8 | 1 2 3 | 7 8 | 1 5 | 7 8 | 4 2 3 | 7 8: three earlier matches of "7 8" continue
+    # with 4 2 3 (most recent), 1 5 and 1 2 3.
+    ctx = [7, 8, 1, 2, 3, 7, 8, 1, 5, 7, 8, 4, 2, 3, 7, 8]
+    greedy = SamplingParams()
+    draft = NgramDraft(max_ngram=2, max_matches=4)
+
+    def paths(dag):
+        tree = unfold(dag, budget=64, max_depth=8)
+        leaves = set(range(len(tree.tokens))) - set(tree.parents)
+        out = []
+        for leaf in sorted(leaves):
+            path, i = [], leaf
+            while i > 0:
+                path.append(tree.tokens[i])
+                i = tree.parents[i]
+            out.append(path[::-1])
+        return sorted(out)
+
+    chain = draft.draft(ctx, GSDParams(k=1, tau=-1, max_depth=3, node_budget=8), greedy)
+    assert paths(chain) == [[4, 2, 3]]  # k=1: the most recent continuation alone, a chain
+    trie = draft.draft(ctx, GSDParams(k=4, tau=-1, max_depth=3, node_budget=16), greedy)
+    assert paths(trie) == [[1, 2, 3], [1, 5, 7], [4, 2, 3]] and trie.merged == 0
+    assert len(trie.nodes) == 1 + 3 + 3 + 2  # root, 4 2 3, 1 5 7, 2 3 under the shared 1
+    two = draft.draft(ctx, GSDParams(k=2, tau=-1, max_depth=3, node_budget=16), greedy)
+    assert paths(two) == paths(trie)  # 1 and 4 are the root's only two next tokens
+    merged = draft.draft(ctx, GSDParams(k=4, tau=0, max_depth=3, node_budget=16), greedy)
+    # tau=0: the 2 under 1 recurs (not an ancestor) and becomes an edge to the 2 under 4; the 3
+    # after it is then already there. The unfolded tree holds the same hypotheses.
+    assert merged.merged == 1 and len(merged.nodes) == len(trie.nodes) - 2
+    assert paths(merged) == paths(trie)
+    for i in range(len(merged.nodes)):
+        assert i not in merged.ancestors(i)
+    small = draft.draft(ctx, GSDParams(k=4, tau=-1, max_depth=3, node_budget=4), greedy)
+    assert len(small.nodes) == 4 and paths(small) == [[4, 2, 3]]
+    sampled = draft.draft(ctx, GSDParams(k=4, tau=0, max_depth=3, node_budget=8),
+                          SamplingParams(temperature=1.0))
+    assert paths(sampled) == [[4, 2, 3]]  # sampling: one chain (a point-mass draft per parent)
+
+
 def test_ngram_table_draft_greedy_is_token_identical(target):
     # A table that predicts the target's own greedy continuations (counted over them) must be
     # accepted deeply; one counted over noise proposes wrong tokens that must all be rejected.
@@ -150,10 +190,10 @@ def test_gsd_merges_and_never_makes_a_node_its_own_ancestor(target, draft):
 def test_unfold_duplicates_merged_subtrees_within_budget():
     dag = DAG([Node(9, -1, 0, 1.0, True, in_edges=[])])
     p = GSDParams(k=2, tau=0, max_depth=3, node_budget=64)
-    a = dag.add_child(0, 1, 0.5, p, True)  # 9 -> 1
-    b = dag.add_child(0, 2, 0.5, p, True)  # 9 -> 2
-    c = dag.add_child(a, 3, 0.5, p, True)  # 1 -> 3
-    assert dag.add_child(b, 3, 0.5, p, True) is None  # 2 -> 3 merges into c (tau = 0)
+    a, _ = dag.add_child(0, 1, 0.5, p, True)  # 9 -> 1
+    b, _ = dag.add_child(0, 2, 0.5, p, True)  # 9 -> 2
+    c, _ = dag.add_child(a, 3, 0.5, p, True)  # 1 -> 3
+    assert dag.add_child(b, 3, 0.5, p, True) == (c, False)  # 2 -> 3 merges into c (tau = 0)
     dag.add_child(c, 4, 0.5, p, True)  # 3 -> 4, reused under both parents
     assert dag.merged == 1 and dag.nodes[b].children == [c]
     tree = unfold(dag, budget=64, max_depth=3)
@@ -163,9 +203,9 @@ def test_unfold_duplicates_merged_subtrees_within_budget():
     # tau = 1 needs the parent token to match too: 2 -> 3 does not merge with 1 -> 3.
     dag1 = DAG([Node(9, -1, 0, 1.0, True, in_edges=[])])
     p1 = GSDParams(k=2, tau=1, max_depth=3, node_budget=64)
-    a1, b1 = dag1.add_child(0, 1, 0.5, p1, True), dag1.add_child(0, 2, 0.5, p1, True)
+    (a1, _), (b1, _) = dag1.add_child(0, 1, 0.5, p1, True), dag1.add_child(0, 2, 0.5, p1, True)
     dag1.add_child(a1, 3, 0.5, p1, True)
-    assert dag1.add_child(b1, 3, 0.5, p1, True) is not None
+    assert dag1.add_child(b1, 3, 0.5, p1, True)[1]  # a new node
 
 
 def test_target_cache_holds_only_accepted_tokens(target, draft):
