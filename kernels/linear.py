@@ -11,7 +11,15 @@ the bytes streamed, and, more important for speculative verification, its cost s
 number of rows: on the 2-core CI machine (AMD EPYC, AVX-512 BF16), the default model's 30 layers +
 LM head take 12.6 ms at 1 row, 12.7 at 4, 14.0 at 8 and 17.5 at 16, where fp32 takes 13.7 ms at
 1 row (numpy matvec) but 29-50 ms at 2-16 rows (numpy/OpenBLAS, torch/MKL: both pack the weight
-for small-M GEMMs). perf/bench_linear.py measures it.
+for small-M GEMMs). perf/bench_linear.py measures it (results/bench_linear-vm.json).
+
+Without AVX-512 BF16 (a Zen 3 EPYC with AVX2 only, results/bench_linear-vm-avx2.json) oneDNN
+emulates bf16: one row is still faster than fp32 (17-19 ms vs 22-25 ms, half the bytes), but the
+cost grows with the rows (58-72 ms at 4, 229 ms at 16), so there fp32 weights are the setting for
+speculative decoding. On that machine torch/MKL's W @ x.T at 2-4 rows (25-35 ms) beats OpenBLAS
+(40-64 ms) when timed alone, but not inside a forward: MKL needs torch's OpenMP pool at 2 threads,
+and that pool and OpenBLAS's spin against each other on 2 cores (AR fell from 22.6 to 3.4 tokens/s,
+an n-gram GSD verify step from 65 to 216 ms), while with torch at 1 thread it loses (81-97 ms).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ tied LM head 49152x576), random weights. Per product path, the best of --repeats
     ms          = wall milliseconds of one pass (= the weight-product time of one forward)
     GB/s        = weight bytes of one pass / seconds (the bytes a pass must at least read)
     vs 1 row    = ms(k rows) / ms(1 row) of the same path
-Paths: fp32 via numpy/OpenBLAS (treadle's fp32 CPU path: W @ x.T at 1 row, x @ W.T above),
-fp32 via torch (F.linear), bf16 weights via torch/oneDNN (F.linear on bf16 inputs: treadle's
+Paths: fp32 via numpy/OpenBLAS (treadle's fp32 CPU path, kernels/linear.py), the same with the
+product always as W @ x.T, fp32 via torch (F.linear, and as W @ x.T), bf16 weights via torch/oneDNN (F.linear on bf16 inputs: treadle's
 weight-only bf16 path, kernels/linear.py). Results: perf/results/bench_linear-<host>.json.
 """
 
@@ -52,7 +52,9 @@ def main() -> int:
     t16 = [w.to(torch.bfloat16) for w in t32]
     paths = {
         "fp32 numpy": (lambda i, x: numpy_fp32(w32[i], x), 4),
+        "fp32 numpy W @ x.T": (lambda i, x: (w32[i] @ x.T).T, 4),
         "fp32 torch": (lambda i, x: F.linear(torch.from_numpy(x), t32[i]), 4),
+        "fp32 torch W @ x.T": (lambda i, x: (t32[i] @ torch.from_numpy(x).T).T, 4),
         "bf16 weights torch": (
             lambda i, x: F.linear(torch.from_numpy(x).to(torch.bfloat16), t16[i]).float(),
             2,

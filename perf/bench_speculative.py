@@ -11,10 +11,10 @@ produces the same number of tokens. Per method and setting:
     mean accepted   = tokens emitted per verify step (accepted drafts + the target's own token)
     draft / verify  = seconds spent drafting / verifying, over all prompts
     merged          = draft nodes GSD reused by merging instead of drafting them
-Every method, AR included, runs with the same --weight-dtype (default bf16 weights, fp32
-activations: on an AVX-512 BF16 CPU a k-node verify step then costs about one token's step,
-perf/bench_linear.py; the forward is row-invariant there, so greedy output stays token-identical);
-a closing row gives AR with fp32 weights for reference.
+Every method, AR included, runs with the same --weight-dtype (auto: bf16 weights with fp32
+activations on an AVX-512 BF16 CPU, where a k-node verify step costs about one token's step,
+perf/bench_linear.py, and the forward is row-invariant, so greedy output stays token-identical;
+fp32 weights elsewhere); with bf16 weights a closing row gives AR with fp32 weights for reference.
 Greedy rows also check that the output is token-identical to AR. Results: JSON + CSV + a PNG plot
 of speedup against the node budget in perf/results/.
 """
@@ -58,7 +58,7 @@ def methods(budgets: list[int], draft: str):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--prompts", type=Path, required=True, help="MT-Bench question.jsonl")
+    ap.add_argument("--prompts", type=Path, help="MT-Bench question.jsonl (required to run)")
     ap.add_argument("--n-prompts", type=int, default=24)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--budgets", default="4,8,16,32")
@@ -68,18 +68,30 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="results file stem (default perf/results/...)")
     ap.add_argument(
         "--weight-dtype",
-        default="bfloat16",
-        choices=["float32", "bfloat16"],
-        help="weight matrices' dtype for every method, AR included (activations stay fp32); "
-        "bfloat16 keeps a k-token verify step near the cost of one token (perf/bench_linear.py)",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="weight matrices' dtype for every method, AR included (activations stay fp32). "
+        "auto: bfloat16 where the CPU has AVX-512 BF16 (a k-token verify step then costs about "
+        "one token's step, perf/bench_linear.py), else float32 (without it bf16 products are "
+        "emulated and slower than fp32)",
     )
     ap.add_argument("--no-fp32-reference", action="store_true",
                     help="skip the closing AR row with fp32 weights")
+    ap.add_argument("--replot", type=Path, metavar="JSON",
+                    help="only redraw the PNG of a saved results file (no benchmark run)")
     args = ap.parse_args()
+    if args.replot:
+        _plot(json.loads(args.replot.read_text())["rows"], args.replot.with_suffix(".png"))
+        return 0
 
+    if args.prompts is None:
+        ap.error("--prompts is required")
     import torch
     import treadle
 
+    if args.weight_dtype == "auto":
+        bf16 = "avx512_bf16" in machine()["cpu_features"] or torch.cuda.is_available()
+        args.weight_dtype = "bfloat16" if bf16 else "float32"
     llm = treadle.load(weight_dtype=args.weight_dtype)
     questions = mt_bench_prompts(args.prompts, args.n_prompts)
     prompt_ids = [llm.encode(q, chat=True) for q in questions]
@@ -176,7 +188,8 @@ def _plot(rows, path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: no plot")
+        print("matplotlib not installed (pip install -e .[perf]): no plot; redraw later with "
+              f"--replot {path.with_suffix('.json')}")
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, temp in zip(axes, (0.0, 0.7)):
