@@ -11,8 +11,9 @@ tied LM head 49152x576), random weights. Per product path, the best of --repeats
     GB/s        = weight bytes of one pass / seconds (the bytes a pass must at least read)
     vs 1 row    = ms(k rows) / ms(1 row) of the same path
 Paths: fp32 via numpy/OpenBLAS (treadle's fp32 CPU path, kernels/linear.py), the same with the
-product always as W @ x.T, fp32 via torch (F.linear, and as W @ x.T), bf16 weights via torch/oneDNN (F.linear on bf16 inputs: treadle's
-weight-only bf16 path, kernels/linear.py). Results: perf/results/bench_linear-<host>.json.
+product always as W @ x.T, fp32 via torch (F.linear, and as W @ x.T), bf16 weights via
+torch/oneDNN (F.linear on bf16 inputs: treadle's weight-only bf16 path, kernels/linear.py).
+Results: perf/results/bench_linear-<host>.json.
 """
 
 from __future__ import annotations

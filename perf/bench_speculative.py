@@ -193,14 +193,15 @@ def _plot(rows, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, temp in zip(axes, (0.0, 0.7)):
-        for family in ("tree-sd", "gsd-tau0", "gsd-tau1", "ngram-gsd", "ngramtab-gsd"):
+        families = ("tree-sd", "gsd-tau0", "gsd-tau1", "ngram-gsd", "ngramtab-gsd")
+        for color, family in enumerate(families):  # one color per family in both panels
             pts = sorted((r["node_budget"], r["speedup_vs_ar"]) for r in rows
                          if r["temperature"] == temp and r["method"].startswith(family + "-b"))
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=family)
+                ax.plot(*zip(*pts), marker="o", color=f"C{color}", label=family)
         for r in rows:
             if r["temperature"] == temp and "chain" in r["method"]:
-                ax.scatter([r["node_budget"]], [r["speedup_vs_ar"]], marker="x")
+                ax.scatter([r["node_budget"]], [r["speedup_vs_ar"]], marker="x", color="black")
                 ax.annotate(r["method"], (r["node_budget"], r["speedup_vs_ar"]), fontsize=7)
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)

@@ -15,7 +15,7 @@ class DecodeStats:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     accepted: list[int] = field(default_factory=list)  # draft tokens accepted per verify step
-    draft_nodes: int = 0  # nodes the draft model actually ran
+    draft_nodes: int = 0  # draft tokens proposed: DAG nodes below the root (a merge adds none)
     merged_nodes: int = 0  # nodes GSD reused by merging instead of drafting them
 
     @property

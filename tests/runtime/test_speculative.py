@@ -111,8 +111,8 @@ def test_ngram_draft_greedy_is_token_identical(target):
 
 
 def test_ngram_dag_respects_k_tau_and_budget():
-    # Context ...7 8 | 1 2 3 | 7 8 | 1 5 | 7 8 | 4 2 3 | 7 8: three earlier matches of "7 8" continue
-    # with 4 2 3 (most recent), 1 5 and 1 2 3.
+    # Context 7 8 | 1 2 3 | 7 8 | 1 5 | 7 8 | 4 2 3 | 7 8: the three earlier matches of "7 8"
+    # continue with 4 2 3 (most recent), 1 5 7 and 1 2 3.
     ctx = [7, 8, 1, 2, 3, 7, 8, 1, 5, 7, 8, 4, 2, 3, 7, 8]
     greedy = SamplingParams()
     draft = NgramDraft(max_ngram=2, max_matches=4)
