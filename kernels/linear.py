@@ -19,7 +19,9 @@ cost grows with the rows (58-72 ms at 4, 229 ms at 16), so there fp32 weights ar
 speculative decoding. On that machine torch/MKL's W @ x.T at 2-4 rows (25-35 ms) beats OpenBLAS
 (40-64 ms) when timed alone, but not inside a forward: MKL needs torch's OpenMP pool at 2 threads,
 and that pool and OpenBLAS's spin against each other on 2 cores (AR fell from 22.6 to 3.4 tokens/s,
-an n-gram GSD verify step from 65 to 216 ms), while with torch at 1 thread it loses (81-97 ms).
+an n-gram GSD verify step from 65 to 216 ms). With torch at 1 thread it was slower for chains
+and 4-node trees (97 and 81 ms vs 65 ms per verify step) and only a little faster for 8-node
+trees (68 vs 75 ms), where most products have more rows than it was used for.
 """
 
 from __future__ import annotations

@@ -359,7 +359,7 @@ class NgramDraft:
                 if known:
                     at = known[0]
                     continue
-                if len(set(node.children)) >= p.k or len(dag.nodes) >= p.node_budget:
+                if len(node.children) >= p.k or len(dag.nodes) >= p.node_budget:
                     break
                 at, _ = dag.add_child(at, tok, 1.0, p, expandable=True)
         return dag
