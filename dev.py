@@ -75,7 +75,9 @@ def main(argv: list[str]) -> int:
             rest = [DEFAULT_PROMPT, *rest]
         return run([str(PYTHON), "-m", "treadle", "generate", "--chat", *rest])
     setup(extras="test")
-    return run([str(PYTHON), "-m", "pytest", "tests", *rest])
+    # -P: the repository root is the package `treadle`, so its folders (kernels/, graph/, ...) must
+    # not shadow top-level packages of the same name (transformers imports the `kernels` package).
+    return run([str(PYTHON), "-P", "-m", "pytest", "tests", *rest])
 
 
 if __name__ == "__main__":
