@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import asdict
 
 import pytest
 import torch
 from tiny_models import load_tiny
 from treadle.loaders.draft_model import count_next_tokens
-from treadle.runtime.ar import generate_ar
+from treadle.runtime.engine import Worker
 from treadle.runtime.gsd import (
     DAG,
     GSDParams,
@@ -20,9 +21,9 @@ from treadle.runtime.gsd import (
     unfold,
 )
 from treadle.runtime.kv_cache import KVCache
+from treadle.runtime.methods import Speculative, run_requests
 from treadle.runtime.request import Request
 from treadle.runtime.sampling import SamplingParams, probabilities
-from treadle.runtime.speculative import generate_speculative
 from treadle.runtime.stats import DecodeStats
 
 
@@ -45,20 +46,23 @@ def prompts_for(seed):
 
 def ar(target, prompts, params):
     reqs = [Request(p, params, frozenset()) for p in prompts]
-    cache = KVCache(target.cfg, rows=len(prompts) + 2, capacity=128)
-    for _ in generate_ar(target, cache, reqs):
+    for _ in run_requests(Worker(target, 256), reqs):
         pass
     return [r.tokens for r in reqs]
 
 
 def speculative(target, draft_src, prompts, params, gsd, check_cache=True):
     reqs = [Request(p, params, frozenset()) for p in prompts]
-    cache = KVCache(target.cfg, rows=len(prompts) + 2, capacity=128)
+    worker = Worker(target, 256)
     stats = DecodeStats("spec")
     if draft_src is not None and not isinstance(draft_src, NgramDraft):
-        draft_src = ModelDraft(draft_src, KVCache(draft_src.cfg, rows=len(prompts), capacity=128))
-    for _ in generate_speculative(target, cache, reqs, draft_src, gsd, stats):
+        draft_src = ModelDraft(Worker(draft_src, 256))
+    method = Speculative(draft="test", **asdict(gsd))
+    for _ in run_requests(worker, reqs, method, draft_src, stats):
         pass
+    if check_cache:  # every row is back in the pool once the prefix cache lets go
+        worker.prefixes.clear()
+        assert worker.cache.in_use() == 0
     return [r.tokens for r in reqs], stats
 
 
@@ -169,11 +173,14 @@ def test_ngram_table_draft_greedy_is_token_identical(target):
 
 def test_gsd_merges_and_never_makes_a_node_its_own_ancestor(target, draft):
     params = SamplingParams(max_new_tokens=1)
-    md = ModelDraft(draft, KVCache(draft.cfg, rows=1, capacity=128))
-    rows = md.begin([[1, 2, 3]])
+    md = ModelDraft(Worker(draft, 128))
+    rows = [md.worker.allocate()]
+    draft.forward(md.cache.make_step(rows, [[1, 2, 3]]), md.cache)
+    md.cache.extend(rows, [3])
     gen = [torch.Generator()]
     dags = md.draft(rows, [[4]], GSDParams(k=4, tau=0, max_depth=5, node_budget=64,
-                                           prob_threshold=0.0, sibling_threshold=0.0), params, gen)
+                                           prob_threshold=0.0, sibling_threshold=0.0), [params],
+                    gen)
     dag = dags[0]
     for i in range(len(dag.nodes)):
         assert i not in dag.ancestors(i)
@@ -212,10 +219,12 @@ def test_target_cache_holds_only_accepted_tokens(target, draft):
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     prompt = prompts_for(4)[0]
     reqs = [Request(prompt, params, frozenset())]
-    cache = KVCache(target.cfg, rows=3, capacity=128)
-    md = ModelDraft(draft, KVCache(draft.cfg, rows=1, capacity=128))
+    worker = Worker(target, 256)
+    cache = worker.cache
+    md = ModelDraft(Worker(draft, 256))
     snapshots = []
-    for _ in generate_speculative(target, cache, reqs, md, CONFIGS["gsd-tau0"]):
+    method = Speculative(draft="test", **asdict(CONFIGS["gsd-tau0"]))
+    for _ in run_requests(worker, reqs, method, md):
         row = 0
         snapshots.append((cache.lengths[row], cache.k[:, row].clone()))
     tokens = prompt + reqs[0].tokens
