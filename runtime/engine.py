@@ -19,6 +19,7 @@ else shares its steps.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from ..graph.model import Transformer
+from ..kernels.sampling import sample as sample_kernel
 from .executor import Executor
 from .kv_cache import KVCache, KVCacheError
 from .prefix_cache import PrefixCache
@@ -162,6 +164,13 @@ class Stream:
     row: int = -1  # the target cache row, once the stream has one
     state: Any = None  # the method's per-stream state (a draft's cache row, acceptance figures)
     children: list[Stream] = field(default_factory=list)
+    draws: int = 0  # Philox offsets used by the CUDA kernels (a new one per draw)
+
+    def philox(self) -> tuple[int, int]:
+        """(seed, offset) for one draw by a Triton kernel: the stream's generator seed, and an
+        offset that advances per draw, so a stream draws the same alone or in any batch."""
+        self.draws += 1
+        return self.generator.initial_seed() % 2**62, self.draws - 1
 
     @property
     def finished(self) -> bool:
@@ -228,6 +237,11 @@ class Engine:
         logits = self.process(s, s.context, logits)
         if s.params.greedy:
             return int(logits.argmax())
+        if logits.is_cuda:  # the sort-free Triton sampler, seeded per stream (kernels/sampling.py)
+            p = s.params
+            seed, offset = s.philox()
+            return int(sample_kernel(logits[None], p.temperature, p.top_k, p.top_p, seed,
+                                     offset)[0])
         return draw(probabilities(logits, s.params), s.generator)
 
     def emit(self, s: Stream, tokens: list[int], forced: list[int] | None = None) -> None:
@@ -275,6 +289,7 @@ class Engine:
     def _catch_up(self, streams: list[Stream]) -> None:
         """One ragged forward over every pending token of these streams (the prompt of a new one),
         then each stream's next token from its last token's logits."""
+        t0 = time.perf_counter()
         cache = self.target.cache
         new = [s for s in streams if s.row < 0]
         for s, row in zip(new, self.target.rows_for([s.context for s in new]) if new else []):
@@ -284,6 +299,9 @@ class Engine:
         tokens = [self.pending(s) for s in streams]
         logits = self.target.executor.prefill(rows, tokens)  # [B, V]
         cache.extend(rows, [len(t) for t in tokens])
+        seconds = time.perf_counter() - t0
+        for st in {id(s.stats): s.stats for s in streams}.values():
+            st.prefill_seconds += seconds
         for b, s in enumerate(streams):
             s.stats.prefill_tokens += len(tokens[b])
             tok = self.next_token(s, logits[b])

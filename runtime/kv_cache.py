@@ -21,6 +21,7 @@ import torch
 from ..graph.config import ModelConfig
 from ..graph.step import Step, tree_depths
 from ..kernels.attention import tree_bits_from_mask
+from ..kernels.kv_commit import kv_commit_
 
 
 class KVCacheError(RuntimeError):
@@ -159,6 +160,24 @@ class KVCache:
         for cache in (self.k, self.v):
             cache[:, row, :, dst] = cache[:, row, :, src]  # the gather copies before the scatter
         self.lengths[row] = start + len(src)
+
+    def commit_many(self, rows: Sequence[int], src_slots: Sequence[Sequence[int]]) -> None:
+        """`commit` for several rows at once: on CUDA one Triton launch for all of them (every
+        layer, head and row: kernels/kv_commit.py), elsewhere an index copy per row."""
+        if not self.k.is_cuda:
+            for row, src in zip(rows, src_slots):
+                self.commit(row, src)
+            return
+        width = max(len(s) for s in src_slots)
+        src = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, slots in enumerate(src_slots):
+            src[b, : len(slots)] = torch.as_tensor(slots)
+        dev = self.device
+        kv_commit_(self.k, self.v, torch.tensor(list(rows), device=dev),
+                   torch.tensor([self.lengths[r] for r in rows], device=dev), src.to(dev),
+                   torch.tensor([len(s) for s in src_slots], device=dev))
+        for row, slots in zip(rows, src_slots):
+            self.lengths[row] += len(slots)
 
     # --- steps ------------------------------------------------------------------------------
     def make_step(

@@ -142,9 +142,10 @@ class SelfSpecPolicy:
                 for b, s in enumerate(streams):
                     if not s.params.greedy:
                         draft_probs[b, j] = q[j][b]
-        accepted = accept(tokens, parents, [k + 1] * len(streams), target_logits,
+        dev = target_logits.device
+        accepted = accept(tokens.to(dev), parents.to(dev), [k + 1] * len(streams), target_logits,
                           [s.params for s in streams], draft_probs,
-                          [s.generator for s in streams])
+                          [s.generator for s in streams], [s.philox for s in streams])
         commit(cache, rows, accepted)
         t2 = time.perf_counter()
         for st in {id(s.stats): s.stats for s in streams}.values():

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..graph.step import tree_from_parents
-from ..kernels.verify import verify_greedy, verify_greedy_ref, verify_sample_ref
+from ..kernels.verify import verify_greedy, verify_greedy_ref, verify_sample, verify_sample_ref
 from .engine import Engine, Stream
 from .executor import Executor
 from .gsd import DAG, GSDParams, ModelDraft, NgramDraft, Tree, sampling_depth, unfold
@@ -39,6 +39,7 @@ def accept(
     params: Sequence[SamplingParams],  # per sequence
     draft_probs: torch.Tensor | None = None,  # [B, N, V] (sampling): what each node's children
     generators: Sequence[torch.Generator | None] = (),  # were drawn from; one per sequence
+    philox: Sequence = (),  # CUDA: per sequence, a callable giving (seed, offset) for one draw
 ) -> list[Accepted]:
     """The greedy rule for greedy sequences (one batched call: the Triton kernel on CUDA), the
     lossless multi-candidate rule for sampled ones."""
@@ -57,9 +58,12 @@ def accept(
         if p.greedy:
             continue
         p_target = probabilities(logits[b : b + 1], p)
-        n_acc, path, emitted = verify_sample_ref(tokens[b : b + 1], parents[b : b + 1],
-                                                 n[b : b + 1], p_target, draft_probs[b : b + 1],
-                                                 generators[b])
+        one = (tokens[b : b + 1], parents[b : b + 1], n[b : b + 1].to(tokens.device), p_target,
+               draft_probs[b : b + 1].to(tokens.device))
+        if tokens.is_cuda:  # the Triton rule draws from Philox, seeded per stream
+            n_acc, path, emitted = verify_sample(*one, *philox[b]())
+        else:
+            n_acc, path, emitted = verify_sample_ref(*one, generators[b])
         a = int(n_acc[0])
         out[b] = Accepted(path[0, :a].tolist(), emitted[0, : a + 1].tolist())
     return out
@@ -67,9 +71,8 @@ def accept(
 
 def commit(cache: KVCache, rows: Sequence[int], accepted: Sequence[Accepted]) -> None:
     """Keep the root and the accepted nodes' K/V (written by the verify step at start + node)."""
-    for row, acc in zip(rows, accepted):
-        start = cache.lengths[row]
-        cache.commit(row, [start] + [start + node for node in acc.path])
+    cache.commit_many(rows, [[cache.lengths[r]] + [cache.lengths[r] + node for node in acc.path]
+                             for r, acc in zip(rows, accepted)])
 
 
 def tree_contexts(context: Sequence[int], tree: Tree) -> list[list[int]]:
@@ -122,9 +125,10 @@ class SpeculativePolicy:
             if s.processor is not None:
                 for i, ctx in enumerate(tree_contexts(s.context, tree)):
                     logits[b, i] = engine.process(s, ctx, logits[b, i])
-        accepted = accept(tokens, parents, [len(t.tokens) for t in trees], logits,
-                          [s.params for s in streams], draft_probs,
-                          [s.generator for s in streams])
+        accepted = accept(tokens.to(logits.device), parents.to(logits.device),
+                          [len(t.tokens) for t in trees], logits, [s.params for s in streams],
+                          draft_probs, [s.generator for s in streams],
+                          [s.philox for s in streams])
         commit(cache, rows, accepted)
         if isinstance(self.draft, ModelDraft):
             self.draft.accepted([s.state for s in streams], dags, trees,

@@ -20,6 +20,7 @@ class DecodeStats:
     plain_steps: int = 0  # self-speculation: full-model steps chosen because drafting measured
     # slower (runtime/skipdecode.py)
     prefill_tokens: int = 0  # prompt tokens the target ran
+    prefill_seconds: float = 0.0  # catch-up steps (prompts, forks' first tokens), shared by a batch
     reused_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache instead
 
     @property
