@@ -118,6 +118,21 @@ def test_selfspec_greedy_is_token_identical_to_ar(model, k, draft):
         assert all(a == k for a in stats.accepted)
 
 
+def test_adaptive_selfspec_is_lossless_and_counts_its_plain_steps(model):
+    rng = random.Random(9)
+    prompts = [[rng.randrange(211) for _ in range(n)] for n in (6, 3)]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    reqs = [Request(p, params, frozenset()) for p in prompts]
+    stats = DecodeStats("selfspec")
+    method = SelfSpec(k=3, layers=(0, 7), adaptive=True)
+    for _ in run_requests(Worker(model, 96), reqs, method, stats=stats):
+        pass
+    assert [r.tokens for r in reqs] == ar_tokens(model, prompts, params)
+    # It measured both kinds of step: at least one draft round and one plain step.
+    assert stats.accepted and stats.plain_steps >= 1
+    assert stats.steps == len(stats.accepted) // len(prompts) + stats.plain_steps
+
+
 def test_selfspec_method_draft_layers():
     assert SelfSpec(draft_speedup=2.0, warmup_layers=2).draft_layers(30) == [0, 1] + list(
         range(17, 30))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -262,4 +262,49 @@ def test_sampling_preserves_the_target_distribution(tmp_path, name):
     keep = exact * n >= 5
     chi2 = float(((counts[keep] - n * exact[keep]) ** 2 / (n * exact[keep])).sum())
     dof = int(keep.sum()) - 1
+    assert chi2 < dof + 4 * math.sqrt(2 * dof), (chi2, dof)
+
+
+def joint_of_three(model, prompt, params):
+    """Exact P(t1, t2, t3) of AR sampling under `params` (top-k / top-p included), enumerated:
+    [V, V, V]."""
+    V = model.cfg.vocab_size
+
+    def next_probs(prefixes):
+        cache = KVCache(model.cfg, rows=len(prefixes), capacity=16)
+        step = cache.make_step(list(range(len(prefixes))), prefixes)
+        return probabilities(model.forward(step, cache), params)  # [N, V]
+
+    p1 = next_probs([prompt])[0]  # [V]
+    p2 = next_probs([prompt + [a] for a in range(V)])  # [V, V]
+    p3 = next_probs([prompt + [a, b] for a in range(V) for b in range(V)]).view(V, V, V)
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+@pytest.mark.parametrize("name,filters", [("chain", dict(top_k=6)), ("gsd-tau0", dict(top_p=0.8))])
+def test_sampled_joint_of_three_tokens_matches_ar(tmp_path, name, filters):
+    """The joint of the first three generated tokens (two of them speculated, from depth >= 2
+    trees), with top-k or top-p, against AR's exact distribution; drafts must be accepted."""
+    small = load_tiny("llama_gqa_tied", tmp_path / "t", vocab_size=16, seed=3, num_layers=2)
+    near = load_tiny("llama_gqa_tied", tmp_path / "t", vocab_size=16, seed=3, num_layers=2)
+    prompt = [3, 1, 4, 1, 5]
+    params = SamplingParams(max_new_tokens=3, temperature=1.0, ignore_eos=True, **filters)
+    exact = joint_of_three(small, prompt, params).flatten()
+    # The same weights as the target: a draft whose proposals the rule should often keep.
+    gsd = replace(CONFIGS[name], max_depth=3)
+    counts, n, accepted = torch.zeros(exact.numel()), 0, []
+    for call in range(6):
+        p = replace(params, seed=call * 500)
+        got, stats = speculative(small, near, [prompt] * 500, p, gsd)
+        accepted += stats.accepted
+        for toks in got:
+            counts[toks[0] * 256 + toks[1] * 16 + toks[2]] += 1
+            n += 1
+    assert sum(accepted) / len(accepted) > 1.0  # more than one draft token kept per round
+    big = exact * n >= 5
+    rest = ~big  # pool the rare cells, so that every cell's expected count is >= 5
+    obs = torch.cat([counts[big], counts[rest].sum()[None]])
+    exp = torch.cat([exact[big], exact[rest].sum()[None]]) * n
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    dof = int(big.sum())
     assert chi2 < dof + 4 * math.sqrt(2 * dof), (chi2, dof)
