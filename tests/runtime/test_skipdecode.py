@@ -58,9 +58,11 @@ class TrackingCache(KVCache):
         L, R = self.k.shape[:2]
         self.written = torch.zeros(L, R, self.capacity + 1, dtype=torch.bool)
         self.reads = 0
+        self.layer_tokens = 0  # (layer, new token) pairs the forward actually ran
 
     def write(self, layer, step, k, v):
         super().write(layer, step, k, v)
+        self.layer_tokens += int(step.n_new.sum())
         for b, row in enumerate(step.rows.tolist()):
             s0, n = int(step.starts[b]), int(step.n_new[b])
             self.written[layer, row, s0 : s0 + n] = True
@@ -91,6 +93,10 @@ def test_skipdecode_batch_never_reads_a_key_it_did_not_compute(model):
     # Mean layers per token: the first token from the full-depth prompt step, then the schedule.
     expected = (8 + sum(schedule.layer_count(t) for t in range(23))) / 24
     assert stats.mean_layers == pytest.approx(expected)
+    # ... and that is what the forward ran: every layer run writes its K/V once per token. The
+    # prompts ran all 8 layers; each first token is counted at the prompt's depth.
+    decode_layer_tokens = cache.layer_tokens - 8 * sum(len(p) for p in prompts)
+    assert stats.layers_computed == decode_layer_tokens + 8 * len(prompts)
     assert SkipDecode(schedule=schedule).schedule_for(8, 24) is schedule
 
 
