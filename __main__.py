@@ -25,15 +25,21 @@ def _generate(args) -> int:
     llm = load(args.model, dtype=args.dtype, device=args.device, weight_dtype=args.weight_dtype,
                kv_cache_mb=args.kv_cache_mb)
     chat = not args.raw and llm.tokenizer.chat_template is not None
-    if getattr(method, "draft", None) == "auto":
+    if getattr(method, "draft", None) == "auto" or getattr(getattr(method, "base", None), "draft",
+                                                           None) == "auto":
         print(f"[draft: {llm.resolve_draft('auto')} (auto: the derived draft if built, else "
               "n-gram prompt lookup)]", file=sys.stderr)
     if args.verbose:
         print(llm.describe(), file=sys.stderr)
-    for piece in llm.stream(args.prompt, params, chat=chat, system=args.system, method=method):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    done = llm.last_completion
+    if args.method == "apar":  # the answer is reassembled from the fork tree once it is done
+        done = llm.generate(args.prompt, params, chat=chat, system=args.system, method=method)
+        sys.stdout.write(done.text)
+    else:
+        for piece in llm.stream(args.prompt, params, chat=chat, system=args.system,
+                                method=method):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        done = llm.last_completion
     print(
         f"\n[{len(done.tokens)} tokens, {done.seconds:.2f} s, "
         f"{done.tokens_per_second:.1f} tokens/s, prompt {done.prompt_tokens} tokens, "
@@ -44,17 +50,21 @@ def _generate(args) -> int:
     return 0
 
 
-def _method(args):
-    from .runtime.methods import AR, SelfSpec, SkipDecode, Speculative
+def _method(args, name: str | None = None):
+    from .runtime.methods import APAR, AR, SelfSpec, SkipDecode, Speculative
 
-    if args.method == "ar":
+    name = name or args.method
+    if name == "apar":
+        base = None if args.apar_base == "ar" else _method(args, args.apar_base)
+        return APAR(base=base, fork_id=args.fork_id, child_id=args.child_id)
+    if name == "ar":
         return AR()
-    if args.method == "skipdecode":
+    if name == "skipdecode":
         return SkipDecode(speedup=args.skip_speedup, warmup_layers=args.warmup_layers)
-    if args.method == "selfspec":
+    if name == "selfspec":
         return SelfSpec(k=args.k or 4, draft_speedup=args.skip_speedup,
                         warmup_layers=args.warmup_layers)
-    if args.method == "sd":
+    if name == "sd":
         return Speculative.chain(depth=args.depth, draft=args.draft)
     return Speculative.gsd(k=args.k or 4, tau=args.tau, depth=args.depth, budget=args.budget,
                            draft=args.draft)
@@ -109,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--method", default="ar",
-                     choices=["ar", "sd", "gsd", "skipdecode", "selfspec"])
+                     choices=["ar", "sd", "gsd", "skipdecode", "selfspec", "apar"])
+    gen.add_argument("--apar-base", default="ar", choices=["ar", "sd", "gsd"],
+                     help="apar: how each stream decodes (sd/gsd use --draft)")
+    gen.add_argument("--fork-id", type=int, help="apar: the [Fork] token id (default: by name)")
+    gen.add_argument("--child-id", type=int, help="apar: the [Child] token id (default: by name)")
     gen.add_argument("--draft", default="auto",
                      help="sd/gsd: 'auto' (the derived draft if built, else ngram), "
                      "'default' (the derived draft), 'ngram' (prompt lookup), "

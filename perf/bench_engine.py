@@ -25,9 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import machine, mt_bench_prompts  # noqa: E402
-
 import treadle  # noqa: E402
+from bench_decode import machine, mt_bench_prompts  # noqa: E402
 from treadle.runtime.methods import AR, SelfSpec  # noqa: E402
 
 SYSTEM = (

@@ -45,6 +45,9 @@ class DecodePolicy:
             s.stats.layers_computed += ran
             engine.emit(s, [engine.next_token(s, logits[b])])
 
+    def join(self, engine: Engine, s: Stream) -> None:
+        pass
+
     def leave(self, s: Stream) -> None:
         pass
 

@@ -163,8 +163,16 @@ class Stream:
     parent: Stream | None = None
     row: int = -1  # the target cache row, once the stream has one
     state: Any = None  # the method's per-stream state (a draft's cache row, acceptance figures)
+    group: Any = None  # the request a forked stream belongs to (APAR's fork tree), or None
     children: list[Stream] = field(default_factory=list)
     draws: int = 0  # Philox offsets used by the CUDA kernels (a new one per draw)
+
+    def tree(self) -> list[Stream]:
+        """This stream and every stream forked from it, at any depth."""
+        out = [self]
+        for child in self.children:
+            out += child.tree()
+        return out
 
     def philox(self) -> tuple[int, int]:
         """(seed, offset) for one draw by a Triton kernel: the stream's generator seed, and an
@@ -191,21 +199,31 @@ class Engine:
 
     # --- streams joining and leaving ----------------------------------------------------------
     def add(self, stream: Stream) -> Stream:
-        need = len(stream.context) + stream.params.max_new_tokens + self.policy(stream).slack
-        self.target.ensure_capacity(need)
+        policy = self.policy(stream)
+        self.target.ensure_capacity(len(stream.context) + stream.params.max_new_tokens
+                                    + policy.slack)
+        policy.join(self, stream)
         self.live.append(stream)
         return stream
 
     def fork(self, parent: Stream, forced: Sequence[int], request: Request,
-             processor: LogitProcessor | None = None) -> Stream:
-        """A stream that continues parent's sequence with `forced` tokens and then decodes on its
-        own, reading parent's committed KV in place. Both go on in the same steps."""
+             at: int | None = None, processor: LogitProcessor | None = None,
+             group: Any = None) -> Stream:
+        """A stream that continues parent's sequence up to `at` tokens (default: all of it) with
+        `forced` tokens and then decodes on its own, reading parent's committed KV in place. Both
+        go on in the same steps. `processor` is the child's own (None: none); `group` the
+        request it belongs to (APAR's fork tree)."""
         cache = self.target.cache
-        n = cache.lengths[parent.row]
+        at = len(parent.context) if at is None else at
+        n = min(cache.lengths[parent.row], at)
         row = self.target.allocate_fork(parent.row, n) if n else self.target.allocate()
-        child = Stream(request, parent.method, parent.context + list(forced), parent.generator,
-                       parent.stats, processor or parent.processor, parent.on_text, parent,
-                       row=row)
+        gen = None
+        if parent.generator is not None:  # the child's own draws, reproducible from the parent's
+            gen = torch.Generator(device=self.target.model.device)
+            gen.manual_seed((parent.generator.initial_seed() * 1000003 + len(parent.children) + 1)
+                            % 2**62)
+        child = Stream(request, parent.method, parent.context[:at] + list(forced), gen,
+                       parent.stats, processor, None, parent, row=row, group=group)
         parent.children.append(child)
         self.add(child)
         self.emit(child, [], forced=list(forced))
@@ -278,13 +296,13 @@ class Engine:
         """Step until every given stream has finished, yielding what each step releases."""
         streams = list(streams)
         try:
-            while any(not s.finished for s in streams):
+            while any(not t.finished for s in streams for t in s.tree()):
                 yield from self.step()
         finally:
-            for s in streams:  # an abandoned generator must not leave its rows behind
-                if s in self.live:
-                    s.request.finish_reason = s.request.finish_reason or "cancelled"
-                    self._leave(s)
+            for t in [t for s in streams for t in s.tree()]:  # an abandoned generator must not
+                if t in self.live:  # leave its rows behind
+                    t.request.finish_reason = t.request.finish_reason or "cancelled"
+                    self._leave(t)
 
     def _catch_up(self, streams: list[Stream]) -> None:
         """One ragged forward over every pending token of these streams (the prompt of a new one),

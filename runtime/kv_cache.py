@@ -241,7 +241,8 @@ class KVCache:
             tree=None if tree is None else tree.to(dev),
             tree_bits=(
                 tree_bits_from_mask(tree).to(dev)
-                if tree is not None and slots is None and width <= 64 and tree.shape[-1] == width
+                if tree is not None and tree.shape[-1] <= 64
+                and (slots is not None or tree.shape[-1] == width)
                 else None
             ),
             slots=None if slots is None else slots.to(dev, torch.long),

@@ -15,6 +15,7 @@ from ..graph.model import Transformer
 from ..graph.weights import ModelWeights
 from ..loaders.safetensors_weights import read_state_dict
 from ..loaders.tokenizer import Tokenizer
+from .apar import APAR, reassemble
 from .engine import Engine, LogitProcessor, Stream, Worker
 from .gsd import ModelDraft, NgramDraft, NgramTable
 from .methods import AR, Method, Speculative, make_policy
@@ -26,6 +27,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 DRAFT_SLACK = 65  # the largest tree envelope (64 nodes) + its root
+APAR_TOKENS = ("[Fork]", "[Child]")  # the control tokens of an APAR-tuned model
 
 
 class PromptError(ValueError):
@@ -141,11 +143,14 @@ class LLM:
         return [self.engine.add(Stream(r, method, list(r.prompt), g, stats, processor))
                 for r, g in zip(requests, gens)]
 
-    def _run(self, requests: list[Request], method: Method, stats: DecodeStats):
-        """(request index, new text) pairs of one generation, timed into `stats`. Streams of other
-        callers (a server's) may share its steps."""
+    def _run(self, requests: list[Request], method: Method, stats: DecodeStats,
+             out: list[Stream] | None = None):
+        """(request index, new text) pairs of one generation, timed into `stats`; `out` receives
+        the streams. Streams of other callers (a server's) may share its steps."""
         t0 = time.perf_counter()
         streams = self._streams(requests, method, stats)
+        if out is not None:
+            out += streams
         index = {id(s): i for i, s in enumerate(streams)}
         try:
             for s, text in self.engine.run(streams):
@@ -155,7 +160,26 @@ class LLM:
             stats.seconds = time.perf_counter() - t0
 
     def _policy_for(self, method: Method):
-        return make_policy(method, self.worker.executor, self._draft_source(method))
+        if isinstance(method, APAR):
+            method = self.apar_ids(method)
+            draft = self._draft_source(method.base)
+        else:
+            draft = self._draft_source(method)
+        return make_policy(method, self.worker.executor, draft, self.tokenizer.stream_decoder)
+
+    def apar_ids(self, method: APAR) -> APAR:
+        """APAR with its control token ids: the given ones, else this model's [Fork] / [Child]
+        tokens (an APAR-tuned model has them)."""
+        if method.fork_id is not None and method.child_id is not None:
+            return method
+        ids = [self.tokenizer.token_to_id(t) for t in APAR_TOKENS]
+        if None in ids:
+            raise ValueError(
+                f"{self.model_dir}: the tokenizer has no {' / '.join(APAR_TOKENS)} tokens, so this "
+                "model was not tuned for APAR: pass APAR(fork_id=..., child_id=...) for a model "
+                "with other control tokens"
+            )
+        return replace(method, fork_id=ids[0], child_id=ids[1])
 
     def describe(self) -> str:
         """What runs where: the backend, each op's implementation, and every op or step kind that
@@ -226,7 +250,7 @@ class LLM:
 
         return "default" if find_draft() is not None else "ngram"
 
-    def _draft_source(self, method: Method):
+    def _draft_source(self, method: Method | None):
         if not isinstance(method, Speculative):
             return None
         spec = self.resolve_draft(method.draft)
@@ -253,10 +277,14 @@ class LLM:
         """Text of one completion, piece by piece as it is produced."""
         requests = self._requests([prompt], params or SamplingParams(), chat, system)
         stats = DecodeStats(self._method_name(method))
-        for _, text in self._run(requests, method, stats):
-            if text:
+        streams = []
+        for _, text in self._run(requests, method, stats, streams):
+            if text:  # APAR: the request's own stream; the answer is reassembled at the end
                 yield text
-        self.last_completion = _completion(requests[0], stats)
+        if isinstance(method, APAR):
+            self.last_completion = _apar_completion(self, streams[0], stats)
+        else:
+            self.last_completion = _completion(requests[0], stats)
 
     def generate(
         self,
@@ -275,15 +303,21 @@ class LLM:
         stats = DecodeStats(self._method_name(method))
         # No autograd state to avoid (no weight requires grad), and no inference_mode: the cache
         # outlives the call and must stay writable by later calls made outside such a mode.
-        for _ in self._run(requests, method, stats):
+        streams = []
+        for _ in self._run(requests, method, stats, streams):
             pass
-        out = [_completion(r, stats) for r in requests]
+        if isinstance(method, APAR):
+            out = [_apar_completion(self, s, stats) for s in streams]
+        else:
+            out = [_completion(r, stats) for r in requests]
         return out[0] if single else out
 
 
     def _method_name(self, method: Method) -> str:
         if isinstance(method, Speculative) and method.draft == "auto":
             return replace(method, draft=self.resolve_draft("auto")).name
+        if isinstance(method, APAR):
+            return f"apar[{self._method_name(method.base) if method.base else 'ar'}]"
         return method.name
 
     def submit(
@@ -355,6 +389,23 @@ def check_draft_vocab(target: LLM, draft: LLM) -> None:
 
 def _completion(r: Request, stats: DecodeStats) -> Completion:
     return Completion(r.text, r.tokens, len(r.prompt), r.finish_reason, stats.seconds, stats)
+
+
+def _apar_completion(llm: LLM, stream: Stream, stats: DecodeStats) -> Completion:
+    """An APAR request's answer, reassembled from its fork tree; tokens of every stream."""
+    family = stream.group
+    m = llm.apar_ids(stream.method)
+    skip = {m.fork_id, m.child_id} | set(llm.eos_ids)
+
+    def decode(tokens: list[int]) -> str:
+        return llm.tokenizer.decode([t for t in tokens if t not in skip])
+
+    stats.streams += len(family.streams)
+    stats.fork_depth = max(stats.fork_depth, family.max_depth())
+    stats.tokens_per_stream += family.tokens_per_stream()
+    tokens = [t for s in family.streams for t in s.request.tokens]
+    return Completion(reassemble(family, decode), tokens, len(stream.request.prompt),
+                      stream.request.finish_reason, stats.seconds, stats)
 
 
 def load(

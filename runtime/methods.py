@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..graph.skip import SkipSchedule
+from .apar import APAR, APARPolicy
 from .ar import DecodePolicy, skip_layers
 from .engine import Engine, Stream, Worker
 from .executor import Executor
@@ -105,13 +106,18 @@ class Speculative:
                          self.sibling_threshold)
 
 
-Method = AR | SkipDecode | SelfSpec | Speculative
+Method = AR | SkipDecode | SelfSpec | Speculative | APAR
 
 
-def make_policy(method: Method, executor: Executor, draft: ModelDraft | NgramDraft | None = None):
+def make_policy(method: Method, executor: Executor, draft: ModelDraft | NgramDraft | None = None,
+                new_decoder=None):
     """The engine policy that runs `method` on a model's executor; `draft` is the resolved draft
-    source of a Speculative method."""
+    source of a Speculative method (or of APAR's base method); `new_decoder` makes the stream
+    decoder of an APAR child."""
     L = executor.model.cfg.num_layers
+    if isinstance(method, APAR):
+        base = make_policy(method.base or AR(), executor, draft)
+        return APARPolicy(method, base, new_decoder)
     if isinstance(method, AR):
         return DecodePolicy(executor, L)
     if isinstance(method, SkipDecode):

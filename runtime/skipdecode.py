@@ -159,5 +159,8 @@ class SelfSpecPolicy:
                                         + (k + 1) * len(self.rest))
             engine.emit(s, acc.tokens)
 
+    def join(self, engine: Engine, s: Stream) -> None:
+        pass
+
     def leave(self, s: Stream) -> None:
         pass

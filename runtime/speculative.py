@@ -144,6 +144,9 @@ class SpeculativePolicy:
             s.stats.merged_nodes += dag.merged
             engine.emit(s, acc.tokens)
 
+    def join(self, engine: Engine, s: Stream) -> None:
+        pass
+
     def leave(self, s: Stream) -> None:
         if isinstance(self.draft, ModelDraft):
             self.draft.leave(s)

@@ -19,6 +19,9 @@ class DecodeStats:
     merged_nodes: int = 0  # nodes GSD reused by merging instead of drafting them
     plain_steps: int = 0  # self-speculation: full-model steps chosen because drafting measured
     # slower (runtime/skipdecode.py)
+    streams: int = 0  # APAR: streams of the fork trees (requests included)
+    fork_depth: int = 0  # APAR: the deepest stream (1 = the request's own)
+    tokens_per_stream: list[int] = field(default_factory=list)  # APAR
     prefill_tokens: int = 0  # prompt tokens the target ran
     prefill_seconds: float = 0.0  # catch-up steps (prompts, forks' first tokens), shared by a batch
     reused_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache instead
@@ -45,6 +48,10 @@ class DecodeStats:
             parts.append(f"mean accepted length {self.mean_accepted:.2f} over {len(self.accepted)} "
                          f"verify steps; draft {self.draft_seconds:.2f} s, verify "
                          f"{self.verify_seconds:.2f} s")
+        if self.streams:
+            t = self.tokens_per_stream
+            parts.append(f"APAR: {self.streams} streams, fork depth {self.fork_depth}, tokens per "
+                         f"stream {min(t)}-{max(t)} (mean {sum(t) / len(t):.1f})")
         if self.plain_steps:
             parts.append(f"{self.plain_steps} of {self.steps} steps without drafting "
                          "(drafting measured slower)")

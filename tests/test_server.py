@@ -27,6 +27,7 @@ CHAT_TEMPLATE = (
 )
 GREEDY = {"temperature": 0}
 TIMEOUT = 30  # seconds any one request or wait may take
+CONTEXT = 2048  # long enough that a client can hang up well before its request would end
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,8 @@ def model_dir(tmp_path_factory):
     vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
     path = save_hf_model(make_hf_model("llama_gqa_tied", vocab_size=len(vocab)),
                          tmp_path_factory.mktemp("tiny_chat"))
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": CONTEXT}))
     tok = RawTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIALS)
@@ -74,8 +77,8 @@ def server(model_dir):
     assert not app.state.engine.alive(), "the engine thread outlived the server"
 
 
-def post(url: str, path: str, body: dict) -> httpx.Response:
-    return httpx.post(url + path, json=body, timeout=TIMEOUT)
+def post(url: str, path: str, body: dict, timeout: float = TIMEOUT) -> httpx.Response:
+    return httpx.post(url + path, json=body, timeout=timeout)
 
 
 def sse_events(lines) -> list[dict | str]:
@@ -185,8 +188,9 @@ def test_a_decoding_method_by_name(server, ref):
         ("/v1/completions", {"prompt": "hi", "stop": 5}, "stop"),
         ("/v1/completions", {"prompt": "hi", "method": "magic"}, "method"),
         ("/v1/completions", {"prompt": "hi", "n": 2}, "n"),
-        ("/v1/completions", {"prompt": "x" * 300}, "prompt"),
-        ("/v1/completions", {"prompt": ""}, "prompt"),
+        ("/v1/completions", {"prompt": "x" * CONTEXT}, "prompt"),
+        ("/v1/completions", {"prompt": []}, "prompt"),
+        ("/v1/completions", {"prompt": [1, 10**6]}, "prompt"),
         ("/v1/completions", {}, "prompt"),
         ("/v1/chat/completions", {"messages": "hi"}, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, "messages"),
@@ -208,18 +212,32 @@ def test_a_body_that_is_no_json_object_is_a_400(server):
     assert post(url, "/v1/completions", [1, 2]).status_code == 400
 
 
+def wait_until_cancelled(engine, before: int) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while engine.cancelled == before or engine.llm.engine.live:
+        assert time.monotonic() < deadline, "the abandoned request stayed in the engine"
+        time.sleep(0.01)
+    assert engine.cancelled == before + 1
+
+
+LONG = {"prompt": "Go on", "max_tokens": CONTEXT - 8, "ignore_eos": True, **GREEDY}
+
+
 def test_a_client_that_leaves_ends_its_stream(server):
     url, engine = server
     before = engine.cancelled
-    body = {"prompt": "Go on", "max_tokens": 240, "ignore_eos": True, **GREEDY, "stream": True}
     with httpx.Client(timeout=TIMEOUT) as client:
-        with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        with client.stream("POST", f"{url}/v1/completions", json={**LONG, "stream": True}) as r:
             next(r.iter_lines())  # the first chunk: generation has begun; then hang up
-    deadline = time.monotonic() + TIMEOUT
-    while engine.cancelled == before or engine.llm.engine.live:
-        assert time.monotonic() < deadline, "the abandoned stream stayed in the engine"
-        time.sleep(0.01)
-    assert engine.cancelled == before + 1
+    wait_until_cancelled(engine, before)
+
+
+def test_a_client_that_leaves_ends_its_whole_request(server):
+    url, engine = server
+    before = engine.cancelled
+    with pytest.raises(httpx.ReadTimeout):
+        post(url, "/v1/completions", LONG, timeout=0.3)
+    wait_until_cancelled(engine, before)
 
 
 def test_models_and_health(server):

@@ -1,6 +1,7 @@
 """kernels/attention.py: tree_attention (Triton) against tree_attention_ref, and the ref against a
 brute-force loop over the visibility rule: causal prefill, ragged decode (split-K too), random
-token trees, prefix sharing, GQA, odd sizes, fp32/bf16/fp16.
+token trees, GSD's draft steps over a pending window wider than the step, prefix sharing, GQA, odd
+sizes, fp32/bf16/fp16.
 
 Runs under TRITON_INTERPRET=1 on the CPU (set here unless the runner set it); with
 TRITON_INTERPRET=0 on a CUDA machine the same tests check the compiled kernel.
@@ -64,6 +65,17 @@ def random_parents(rng: random.Random, width: int) -> list[int]:
     return [rng.randrange(-1, i) for i in range(width)]
 
 
+def window_tree(rng: random.Random, n_new: int, width: int, window: int) -> torch.Tensor:
+    """[T, W] visibility of one of GSD's level-by-level draft steps: a tree of `window` pending
+    nodes, n_new of them (any, in order) the step's queries, each seeing its node's ancestor chain;
+    padding queries (i >= n_new) see garbage that must not matter."""
+    dag = tree_from_parents(random_parents(rng, window))  # [W, W]
+    queries = sorted(rng.sample(range(window), n_new))
+    tree = torch.rand(width, window, generator=torch.Generator().manual_seed(window)) < 0.5
+    tree[:n_new] = dag[queries]
+    return tree
+
+
 @dataclass
 class Case:
     q: torch.Tensor  # [B, T, H, D]
@@ -74,6 +86,13 @@ class Case:
     n_new: torch.Tensor  # [B]
     bits: torch.Tensor | None  # [B, T]
     kv_rows: torch.Tensor | None  # [B, S]
+    window: torch.Tensor | None = None  # [B] pending slots; None = n_new
+
+    def pending(self) -> torch.Tensor:
+        return self.n_new if self.window is None else self.window
+
+    def kw(self, device: str = "cpu") -> dict:
+        return {} if self.window is None else {"window": self.window.to(device)}
 
     def args(self, dtype: torch.dtype | None = None):
         cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
@@ -92,16 +111,19 @@ def make_case(
     heads: int,
     kv_heads: int,
     head_dim: int,
-    trees: list[torch.Tensor] | None = None,  # per sequence [T, T]; None = causal
+    trees: list[torch.Tensor] | None = None,  # per sequence [T, T] (or [T, W]); None = causal
     share: list[tuple[int, int]] | None = None,  # per sequence (lender b', n slots) or None
     seed: int = 0,
+    window: list[int] | None = None,  # per sequence pending slots (>= n_new); None = n_new
 ) -> Case:
     """A cache with one row per sequence plus a spare, rows shuffled; with `share`, sequence b
     reads its first n slots from sequence b''s row (which holds at least n committed slots)."""
     g = torch.Generator().manual_seed(seed)
     batch = len(starts)
     n_rows = batch + 1
-    capacity = max(s + n for s, n in zip(starts, n_new)) + 3
+    pending = n_new if window is None else window
+    kv_len = max(s + n for s, n in zip(starts, pending))
+    capacity = kv_len + 3
     rows = torch.randperm(n_rows, generator=g)[:batch]
     q = torch.randn(batch, width, heads, head_dim, generator=g)
     k = torch.randn(n_rows, kv_heads, capacity, head_dim, generator=g)
@@ -111,14 +133,14 @@ def make_case(
         bits = torch.stack([tree_bits_from_mask(t) for t in trees])
     kv_rows = None
     if share is not None:
-        kv_len = max(s + n for s, n in zip(starts, n_new))
         kv_rows = rows[:, None].repeat(1, kv_len)
         for b, lend in enumerate(share):
             if lend is not None:
                 src, n = lend
                 assert n <= starts[b] and n <= starts[src]
                 kv_rows[b, :n] = rows[src]
-    return Case(q, k, v, rows, torch.tensor(starts), torch.tensor(n_new), bits, kv_rows)
+    return Case(q, k, v, rows, torch.tensor(starts), torch.tensor(n_new), bits, kv_rows,
+                None if window is None else torch.tensor(window))
 
 
 def poisoned(case: Case, dtype: torch.dtype) -> tuple:
@@ -127,8 +149,9 @@ def poisoned(case: Case, dtype: torch.dtype) -> tuple:
     q, k, v, rows, starts, n_new, bits, kv_rows = case.args(dtype)
     q, k, v = q.clone(), k.clone(), v.clone()
     used = torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool)  # [R, C]
+    pending = case.pending()
     for b in range(len(rows)):
-        for s in range(int(starts[b] + n_new[b])):
+        for s in range(int(starts[b] + pending[b])):
             used[int(rows[b] if kv_rows is None else kv_rows[b, s]), s] = True
         q[b, int(n_new[b]):] = float("nan")
     unused = ~used[:, None, :, None].expand_as(k)
@@ -147,25 +170,27 @@ def upcast(args: tuple) -> tuple:
 
 
 def check(case: Case, dtype: torch.dtype = torch.float32, **launch) -> None:
-    out = tree_attention(*on_device(poisoned(case, dtype)), **launch).cpu()
+    out = tree_attention(*on_device(poisoned(case, dtype)), **case.kw(DEVICE), **launch).cpu()
     assert out.dtype == dtype and out.shape == case.q.shape
     assert out.isfinite().all(), "padding rows must stay finite too"
     got = valid_rows(out, case.n_new).float()
     # The reference in fp32 on the same (rounded) inputs.
-    want = valid_rows(tree_attention_ref(*upcast(case.args(dtype))), case.n_new)
+    want = valid_rows(tree_attention_ref(*upcast(case.args(dtype)), **case.kw()), case.n_new)
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
         return
     # Low precision: within about 2x torch's own error against fp32 (Liger's rule).
-    torch_err = (valid_rows(tree_attention_ref(*case.args(dtype)), case.n_new).float() - want)
+    torch_err = valid_rows(tree_attention_ref(*case.args(dtype), **case.kw()), case.n_new)
+    torch_err = torch_err.float() - want
     torch_err = torch_err.abs().max()
     err = (got - want).abs().max()
     assert err <= 2 * torch_err + 1e-3, f"{dtype}: kernel error {err:.2e}, torch's {torch_err:.2e}"
 
 
 def brute_force(case: Case, sm_scale: float | None = None) -> torch.Tensor:
-    """Per query, straight from the rule: slot s < starts[b], or new token j visible to i."""
+    """Per query, straight from the rule: slot s < starts[b], or pending slot j visible to i."""
     q, k, v, rows, starts, n_new, bits, kv_rows = case.args(torch.float64)
+    pending = case.pending()
     batch, width, heads, dim = q.shape
     group = heads // k.shape[1]
     scale = sm_scale if sm_scale is not None else 1 / math.sqrt(dim)
@@ -174,8 +199,8 @@ def brute_force(case: Case, sm_scale: float | None = None) -> torch.Tensor:
         start = int(starts[b])
         for i in range(int(n_new[b])):
             slots = list(range(start))
-            for j in range(int(n_new[b])):
-                sees = j <= i if bits is None else (int(bits[b, i]) >> j) & 1
+            for j in range(int(pending[b])):
+                sees = j <= i if bits is None else j < 64 and (int(bits[b, i]) >> j) & 1
                 if sees:
                     slots.append(start + j)
             row = [int(rows[b] if kv_rows is None else kv_rows[b, s]) for s in slots]
@@ -198,6 +223,17 @@ def test_tree_bits_round_trip(width):
     assert torch.equal(tree_bits_from_mask(tree[1]), bits[1])  # [T, T] -> [T]
 
 
+@pytest.mark.parametrize(("width", "window"), [(1, 5), (3, 9), (7, 64)])
+def test_tree_bits_over_a_window(width, window):
+    g = torch.Generator().manual_seed(window)
+    tree = torch.rand(2, width, window, generator=g) < 0.5  # [B, T, W], W > T
+    bits = tree_bits_from_mask(tree)
+    assert bits.shape == (2, width)
+    assert torch.equal(mask_from_tree_bits(bits, window), tree)
+    with pytest.raises(ValueError, match="W <= 64"):
+        tree_bits_from_mask(torch.ones(2, 3, 65, dtype=torch.bool))
+
+
 def test_tree_bits_values():
     tree = tree_from_parents([-1, 0, 0, 1])
     assert tree_bits_from_mask(tree).tolist() == [0b1, 0b11, 0b101, 0b1011]
@@ -214,6 +250,11 @@ REF_CASES = {
                         tree_from_parents([-1, -1, 0, 2, 3])]),
     "shared_prefix": dict(starts=[5, 7, 3], n_new=[2, 3, 1], width=3, heads=4, kv_heads=4,
                           share=[None, (0, 4), (0, 3)]),
+    "window": dict(starts=[4, 0], n_new=[3, 2], width=3, heads=2, kv_heads=1, window=[7, 5],
+                   trees=[window_tree(random.Random(1), 3, 3, 7),
+                          window_tree(random.Random(2), 2, 3, 5)]),
+    "causal_window": dict(starts=[2, 6], n_new=[2, 3], width=3, heads=2, kv_heads=2,
+                          window=[4, 3]),
 }
 
 
@@ -221,9 +262,9 @@ REF_CASES = {
 def test_ref_matches_brute_force(name):
     case = make_case(head_dim=8, seed=1, **REF_CASES[name])
     want = brute_force(case)
-    got = tree_attention_ref(*case.args(torch.float64))
+    got = tree_attention_ref(*case.args(torch.float64), **case.kw())
     torch.testing.assert_close(valid_rows(got, case.n_new), valid_rows(want, case.n_new))
-    scaled = tree_attention_ref(*case.args(torch.float64), sm_scale=0.3)
+    scaled = tree_attention_ref(*case.args(torch.float64), sm_scale=0.3, **case.kw())
     torch.testing.assert_close(valid_rows(scaled, case.n_new),
                                valid_rows(brute_force(case, 0.3), case.n_new))
 
@@ -304,6 +345,39 @@ def test_tree_deep_bit_63():
     tree = tree_from_parents(list(range(-1, 63)))
     case = make_case([3], [64], 64, 1, 1, 16, trees=[tree], seed=5)
     check(case, block_n=64)
+
+
+@kernel_test
+@pytest.mark.parametrize(("starts", "n_new", "width", "window", "split_len"), [
+    ([7, 18], [4, 2], 4, [9, 6], None),  # T 4 inside windows of 9 and 6 slots
+    ([0, 33, 5], [1, 3, 2], 3, [2, 17, 5], 16),  # start 0; split-K cuts the 17-slot window
+    ([3], [5], 5, [64], None),  # the widest window: bit 63 (int64's sign bit) addressed
+])
+def test_window_wider_than_step(starts, n_new, width, window, split_len):
+    # GSD's level-by-level draft: the step's queries sit anywhere in a window of earlier nodes.
+    rng = random.Random(sum(window))
+    trees = [window_tree(rng, n, width, w) for n, w in zip(n_new, window)]
+    case = make_case(starts, n_new, width, 6, 2, 32, trees=trees, window=window, seed=width)
+    check(case, block_n=16, split_len=split_len)
+
+
+@kernel_test
+def test_window_odd_sizes_prefix_sharing_and_causal():
+    # starts 7/12/9, T 3, windows 11/3/6, H 6, Hkv 3, D 24 (padded to 32), a shared prefix.
+    rng = random.Random(21)
+    trees = [window_tree(rng, n, 3, w) for n, w in zip([3, 1, 2], [11, 3, 6])]
+    kw = dict(window=[11, 3, 6], share=[None, (0, 5), (0, 7)], seed=21)
+    check(make_case([7, 12, 9], [3, 1, 2], 3, 6, 3, 24, trees=trees, **kw), block_n=16)
+    check(make_case([7, 12, 9], [3, 1, 2], 3, 6, 3, 24, **kw), block_n=16)  # causal
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_window_low_precision(dtype):
+    rng = random.Random(22)
+    trees = [window_tree(rng, n, 8, w) for n, w in zip([8, 5], [30, 12])]
+    case = make_case([40, 3], [8, 5], 8, 4, 1, 64, trees=trees, window=[30, 12], seed=22)
+    check(case, dtype, block_n=32)
 
 
 @kernel_test
@@ -391,6 +465,8 @@ def test_bad_inputs_name_the_field():
         tree_attention(torch.zeros(1, 2, 3, 16, device=DEVICE), k2, k2, rows, starts, n_new, bits)
     with pytest.raises(ValueError, match="v_cache must be"):
         tree_attention(q, k, v.half(), rows, starts, n_new, bits)
+    with pytest.raises(ValueError, match="window must be int64"):
+        tree_attention(q, k, v, rows, starts, n_new, bits, window=n_new.int())
     with pytest.raises(ValueError, match="T must be <= 64"):
         tree_attention(torch.zeros(1, 65, 2, 16, device=DEVICE), k, v, rows, starts, n_new,
                        torch.zeros(1, 65, dtype=torch.long, device=DEVICE))

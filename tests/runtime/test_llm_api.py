@@ -117,3 +117,15 @@ def test_bf16_weights_generate_from_the_cli(small_context, capsys):
     finally:
         torch.set_num_threads(threads)  # a bf16-weight model takes torch's pool for its products
     assert "6 tokens" in capsys.readouterr().out
+
+
+def test_cli_apar_prints_the_fork_tree_statistics(small_context, capsys):
+    # The default model is not APAR-tuned: name two ordinary ids as the control tokens. It never
+    # forks on them, so the answer is one stream's, and the statistics say so.
+    assert main(["generate", "--method", "apar", "--fork-id", "49150", "--child-id", "49151",
+                 "--max-new-tokens", "8", "What is the capital of France?"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The capital of France is Paris.")
+    assert "APAR: 1 streams, fork depth 1" in out
+    with pytest.raises(ValueError, match=r"no \[Fork\] / \[Child\] tokens"):
+        small_context.generate("Hi", method=treadle.runtime.methods.APAR())
