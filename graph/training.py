@@ -140,3 +140,19 @@ def state_dict_of(weights: ModelWeights, cfg: ModelConfig) -> dict[str, torch.Te
         if name in shapes:
             state[name] = tensors[field].detach().contiguous()
     return state
+
+
+def trainable_parameters(weights: ModelWeights) -> list[torch.nn.Parameter]:
+    """The parameters `make_trainable` made (each once; a tied LM head is the embedding)."""
+    tensors = [weights.embed, weights.norm, weights.lm_head.weight, weights.lm_head.bias]
+    for lw in weights.layers:
+        tensors += [lw.attn_norm, lw.mlp_norm]
+        for lin in (lw.qkv, lw.o, lw.gate_up, lw.down):
+            tensors += [lin.weight, lin.bias]
+    seen: set[int] = set()
+    out = []
+    for t in tensors:
+        if isinstance(t, torch.nn.Parameter) and t.requires_grad and id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out

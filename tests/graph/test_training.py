@@ -14,6 +14,7 @@ from treadle.graph.training import (
     make_trainable,
     sequence_step,
     state_dict_of,
+    trainable_parameters,
     training_model,
 )
 from treadle.graph.weights import ModelWeights
@@ -73,6 +74,7 @@ def test_gradients_reach_weights_and_input_embeds(tiny_model):
     assert len(params) == 6 + (cfg.qkv_bias and 1) + 1  # one layer's 6 (+bias) and the norm
     for p in params:
         assert p.grad is not None and p.grad.abs().sum() > 0
+    assert {id(p) for p in trainable_parameters(weights)} == {id(p) for p in params}
     assert not weights.embed.requires_grad and not weights.layers[0].qkv.weight.requires_grad
 
 
@@ -81,6 +83,7 @@ def test_tied_embedding_is_one_parameter(tiny_model):
     cfg, weights = weights_of(path)
     params = make_trainable(weights, layers=[], norm=False, embed=True)
     assert isinstance(weights.embed, torch.nn.Parameter)
+    assert len(trainable_parameters(weights)) == len(params)
     if cfg.tie_word_embeddings:
         assert len(params) == 1 and weights.lm_head.weight is weights.embed
     else:

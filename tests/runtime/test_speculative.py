@@ -8,7 +8,6 @@ import random
 import pytest
 import torch
 from tiny_models import load_tiny
-from treadle.loaders.draft_model import count_next_tokens
 from treadle.runtime.ar import generate_ar
 from treadle.runtime.gsd import (
     DAG,
@@ -24,6 +23,7 @@ from treadle.runtime.request import Request
 from treadle.runtime.sampling import SamplingParams, probabilities
 from treadle.runtime.speculative import generate_speculative
 from treadle.runtime.stats import DecodeStats
+from treadle.train.ngram import count_next_tokens
 
 
 @pytest.fixture(scope="module")
