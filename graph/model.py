@@ -7,7 +7,10 @@
 
 The method-specific parts are inputs, never branches in here: the attention pattern comes from the
 Step (graph/step.py), the layers to run from the caller (SkipDecode bypasses some), and the KV
-cache is any object with `write(layer, step, k, v)` and `read(layer, step) -> (k, v)`.
+cache is any object with `write(layer, step, k, v)` and `read(layer, step) -> (k, v)`. Training runs
+this same forward under autograd with another op table and KV store (graph/training.py); extra
+input embeddings and the hidden states out (`hidden_states(at=...)`, `norm`) are arguments and
+outputs of it, not copies of it.
 """
 
 from __future__ import annotations
