@@ -45,6 +45,11 @@ class StepKV:
         self.v: dict[int, torch.Tensor] = {}
 
     def write(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor) -> None:
+        if step.kv_len != step.width:
+            raise ValueError(
+                f"StepKV holds one step over whole sequences (kv_len == width), but the step reads "
+                f"{step.kv_len} slots for {step.width} new tokens: make it with sequence_step"
+            )
         self.k[layer], self.v[layer] = k.transpose(1, 2), v.transpose(1, 2)
 
     def read(self, layer: int, step: Step) -> tuple[torch.Tensor, torch.Tensor]:

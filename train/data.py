@@ -3,6 +3,8 @@
     recipe = GenerationRecipe(n_prompts=512, max_new_tokens=160)
     answers = target_answers(target_dir, recipe)      # cached; an interrupted run resumes
     answers.data    # [(prompt ids, answer ids)], answers.greedy  # [bool] per example
+    for idx in batches(answers.data, 512, order):   # <= 512 tokens each, similar lengths
+        tokens, where, labels = pack(answers.data, idx, device)   # teacher forcing
 
 Prompts: a built-in instruction set (templates x topics, then the same with a style clause, in a
 seeded order), optionally preceded by questions read from a CSV (column `request`). None of them
@@ -331,6 +333,42 @@ def target_answers(
             bar.update(len(items))
             bar.set_postfix(tokens=sum(len(g) for _, g in out.data), cached=out.chunks_cached)
     return out
+
+
+# --- teacher-forcing batches of the answers, for any trainer ------------------------------------
+def batches(data: Sequence[Generation], batch_tokens: int, order: list[int]) -> list[list[int]]:
+    """Indices of `data` grouped so that batch size x longest sequence <= batch_tokens; the
+    sequences of a batch have similar lengths (sorted within windows of 64 of the given order)."""
+    out: list[list[int]] = []
+    for w in range(0, len(order), 64):
+        window = sorted(order[w : w + 64], key=lambda i: len(data[i][0]) + len(data[i][1]))
+        cur: list[int] = []
+        longest = 0
+        for i in window:
+            n = len(data[i][0]) + len(data[i][1]) - 1
+            if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
+                out.append(cur)
+                cur, longest = [], 0
+            cur.append(i)
+            longest = max(longest, n)
+        if cur:
+            out.append(cur)
+    return out
+
+
+def pack(data: Sequence[Generation], idx: list[int], device) -> tuple[torch.Tensor, ...]:
+    """Inputs [B, T] (right-padded with 0) and, over the answer positions (where the next token
+    is an answer token), flat indices into B*T and their target token ids."""
+    seqs = [data[i][0] + data[i][1] for i in idx]
+    T = max(len(s) for s in seqs) - 1
+    tokens = torch.zeros(len(seqs), T, dtype=torch.long)
+    where, labels = [], []
+    for b, (i, s) in enumerate(zip(idx, seqs)):
+        tokens[b, : len(s) - 1] = torch.tensor(s[:-1])
+        start = len(data[i][0]) - 1  # input position whose next token is the first answer token
+        where.append(torch.arange(start, len(s) - 1) + b * T)
+        labels.append(torch.tensor(s[start + 1 :]))
+    return tokens.to(device), torch.cat(where).to(device), torch.cat(labels).to(device)
 
 
 def _generate_chunk(gen: GenerateFn, items, recipe: GenerationRecipe, seed: int) -> dict:

@@ -67,7 +67,7 @@ from ..graph.weights import ModelWeights
 from ..loaders.draft_model import DRAFT_FORMAT, MARKER, NGRAM_FILE, draft_dir, read_marker
 from ..loaders.gguf_import import OutputExistsError, _atomic_dir, _fsync, _write_json
 from ..loaders.safetensors_weights import read_state_dict
-from .data import GenerateFn, Generation, GenerationRecipe, target_answers
+from .data import GenerateFn, Generation, GenerationRecipe, batches, pack, target_answers
 from .ngram import ngram_table_of, write_ngram_table
 
 DEFAULT_LAYERS = (0, 1, 2, 3)
@@ -114,42 +114,6 @@ def hidden(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] 
     return model.hidden(sequence_step(tokens), StepKV())
 
 
-# --- batching ------------------------------------------------------------------------------------
-def _batches(data: Sequence[Generation], batch_tokens: int, order: list[int]) -> list[list[int]]:
-    """Indices of `data` grouped so that batch size x longest sequence <= batch_tokens; the
-    sequences of a batch have similar lengths (sorted within windows of 64 of the given order)."""
-    batches: list[list[int]] = []
-    for w in range(0, len(order), 64):
-        window = sorted(order[w : w + 64], key=lambda i: len(data[i][0]) + len(data[i][1]))
-        cur: list[int] = []
-        longest = 0
-        for i in window:
-            n = len(data[i][0]) + len(data[i][1]) - 1
-            if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
-                batches.append(cur)
-                cur, longest = [], 0
-            cur.append(i)
-            longest = max(longest, n)
-        if cur:
-            batches.append(cur)
-    return batches
-
-
-def _pack(data: Sequence[Generation], idx: list[int], device) -> tuple[torch.Tensor, ...]:
-    """Inputs [B, T] (right-padded with 0) and, over the answer positions (where the next token
-    is an answer token), flat indices into B*T and their target token ids."""
-    seqs = [data[i][0] + data[i][1] for i in idx]
-    T = max(len(s) for s in seqs) - 1
-    tokens = torch.zeros(len(seqs), T, dtype=torch.long)
-    where, labels = [], []
-    for b, (i, s) in enumerate(zip(idx, seqs)):
-        tokens[b, : len(s) - 1] = torch.tensor(s[:-1])
-        start = len(data[i][0]) - 1  # input position whose next token is the first answer token
-        where.append(torch.arange(start, len(s) - 1) + b * T)
-        labels.append(torch.tensor(s[start + 1 :]))
-    return tokens.to(device), torch.cat(where).to(device), torch.cat(labels).to(device)
-
-
 @torch.no_grad()
 def _teacher_pass(teacher: Transformer, data, batch_tokens, topk, progress, what) -> list[tuple]:
     """Per example: (target argmax ids, top-k ids, top-k probabilities renormalised) at its answer
@@ -157,9 +121,9 @@ def _teacher_pass(teacher: Transformer, data, batch_tokens, topk, progress, what
     from tqdm import tqdm
 
     out: list[tuple] = [None] * len(data)  # type: ignore[list-item]
-    batches = _batches(data, batch_tokens, list(range(len(data))))
-    for idx in tqdm(batches, desc=what, unit="batch", disable=not progress):
-        tokens, where, _ = _pack(data, idx, teacher.device)
+    plan = batches(data, batch_tokens, list(range(len(data))))
+    for idx in tqdm(plan, desc=what, unit="batch", disable=not progress):
+        tokens, where, _ = pack(data, idx, teacher.device)
         h = hidden(teacher, tokens).flatten(0, 1)[where]
         arg, ids, probs = [], [], []
         for c in range(0, len(h), 512):
@@ -209,9 +173,9 @@ def train_student(
     for _ in range(epochs):
         order = list(range(len(data)))
         gen.shuffle(order)
-        batches = _batches(data, batch_tokens, order)
-        gen.shuffle(batches)
-        plans.append(batches)
+        epoch = batches(data, batch_tokens, order)
+        gen.shuffle(epoch)
+        plans.append(epoch)
     total = sum(len(b) for b in plans)
     warmup = max(1, min(30, total // 10))
 
@@ -225,10 +189,10 @@ def train_student(
     step = 0
     bar = tqdm(total=total, desc="training draft", unit="step", disable=not progress)
     with bar:
-        for e, batches in enumerate(plans):
+        for e, epoch in enumerate(plans):
             run, n_run = 0.0, 0
-            for idx in batches:
-                tokens, where, labels = _pack(data, idx, dev)
+            for idx in epoch:
+                tokens, where, labels = pack(data, idx, dev)
                 h = hidden(student, tokens).flatten(0, 1)[where]
                 logp = F.log_softmax(student.logits(h), dim=-1)
                 loss = F.nll_loss(logp, labels)
@@ -263,8 +227,8 @@ def agreement(
     """Next-token agreement of `student` with the target (argmax vs argmax) on `data`'s answer
     positions; on greedy answers also the mean tokens per greedy chain-SD round of k drafts."""
     hits: list[torch.Tensor] = [None] * len(data)  # type: ignore[list-item]
-    for idx in _batches(data, batch_tokens, list(range(len(data)))):
-        tokens, where, _ = _pack(data, idx, student.device)
+    for idx in batches(data, batch_tokens, list(range(len(data)))):
+        tokens, where, _ = pack(data, idx, student.device)
         h = hidden(student, tokens).flatten(0, 1)[where]
         arg = torch.cat([student.logits(h[c : c + 512]).argmax(-1) for c in range(0, len(h), 512)])
         arg = arg.cpu()

@@ -61,6 +61,16 @@ def test_right_padded_sequences_match_each_alone(tiny_model):
             torch.testing.assert_close(batched[b, :n], alone[0], atol=1e-5, rtol=1e-5)
 
 
+def test_step_kv_refuses_a_step_over_a_cached_prefix(tiny_model):
+    name, hf, path = tiny_model
+    cfg, weights = weights_of(path)
+    model = training_model(cfg, weights, 256)
+    cache = KVCache(cfg, rows=1, capacity=32)
+    cache.extend([0], [4])  # 4 committed tokens the step would need to see
+    with pytest.raises(ValueError, match="make it with sequence_step"):
+        model.hidden(cache.make_step([0], tokens(1, 3)), StepKV())
+
+
 def test_gradients_reach_weights_and_input_embeds(tiny_model):
     name, hf, path = tiny_model
     cfg, weights = weights_of(path)

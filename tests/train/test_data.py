@@ -4,11 +4,18 @@ split into greedy and sampled answers, the cache, its key, and resuming an inter
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 from tiny_models import make_hf_model, save_hf_model
 from treadle.train import data
-from treadle.train.data import GenerationRecipe, instruction_prompts, target_answers
+from treadle.train.data import (
+    GenerationRecipe,
+    batches,
+    instruction_prompts,
+    pack,
+    target_answers,
+)
 
 VOCAB = 211
 
@@ -127,3 +134,27 @@ def test_the_real_generator_is_treadles_batched_greedy_decoding(tmp_path):
     for prompt, (ids, answer) in zip(recipe.prompts(), got.data):
         assert ids == llm.encode(prompt, chat=True)
         assert answer == list(llm.generate(prompt, params, chat=True).tokens)
+
+
+def test_batches_cover_every_example_once_within_the_token_budget():
+    rng = random.Random(3)
+    data = [
+        ([1] * rng.randint(1, 20), [2] * rng.randint(1, 30)) for _ in range(150)
+    ]  # lengths 2..50
+    order = list(range(150))
+    rng.shuffle(order)
+    got = batches(data, 128, order)
+    assert sorted(i for b in got for i in b) == list(range(150))
+    for b in got:
+        longest = max(len(data[i][0]) + len(data[i][1]) - 1 for i in b)
+        assert len(b) == 1 or len(b) * longest <= 128
+
+
+def test_pack_teacher_forces_the_answer_positions():
+    data = [([10, 11, 12], [20, 21]), ([30], [40, 41, 42])]
+    tokens, where, labels = pack(data, [0, 1], "cpu")
+    # inputs drop each sequence's last token and are right-padded with 0
+    assert tokens.tolist() == [[10, 11, 12, 20], [30, 40, 41, 0]]
+    # the positions whose next token is an answer token, and those tokens
+    assert where.tolist() == [2, 3, 4, 5, 6] and labels.tolist() == [20, 21, 40, 41, 42]
+    assert tokens.flatten()[where].tolist() == [12, 20, 30, 40, 41]
