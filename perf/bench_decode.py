@@ -96,7 +96,7 @@ def weight_bytes(llm) -> int:
 
 
 def run_treadle(llm, prompt_ids: list[list[int]], n_new: int):
-    from treadle.runtime.ar import generate_ar
+    from treadle.runtime.methods import run_requests
     from treadle.runtime.request import Request
     from treadle.runtime.sampling import SamplingParams
 
@@ -106,10 +106,9 @@ def run_treadle(llm, prompt_ids: list[list[int]], n_new: int):
     with torch.inference_mode():
         for ids in prompt_ids:
             req = Request(ids, params, llm.eos_ids)
-            cache = llm._cache_for([req])
             t0 = time.perf_counter()
             first = None
-            for _ in generate_ar(llm.model, cache, [req]):
+            for _ in run_requests(llm.worker, [req]):
                 if first is None:
                     first = time.perf_counter()
             t1 = time.perf_counter()

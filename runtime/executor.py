@@ -30,8 +30,10 @@ class Executor:
         self.static = on_cuda if static is None else static
         self.cuda_graphs = self.static and on_cuda if cuda_graphs is None else cuda_graphs
         self.plans: dict[tuple, StepPlan] = {}  # (kind, bucket, width, layers) -> plan
-        # Padding sequences of a bucket write their K/V into this row, which nothing reads.
-        self.scratch_row = cache.allocate() if self.static else None
+        self.cache_version = cache.version  # the plans point into this version of the storage
+        # Padding sequences of a bucket write their K/V into this row, which nothing reads. It is
+        # taken on the first static step (the cache may still have no rows when this is built).
+        self.scratch_row: int | None = None
 
     def close(self) -> None:
         if self.scratch_row is not None:
@@ -39,6 +41,11 @@ class Executor:
             self.scratch_row = None
 
     # --- steps ------------------------------------------------------------------------------
+    def prefill(self, rows: Sequence[int], tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Ragged runs of new tokens (prompts, a fork's first tokens) -> logits [B, V] at each
+        sequence's last one. Always eager: prompt shapes vary too much to keep a plan per shape."""
+        return self.model.forward(self.cache.make_step(rows, tokens), self.cache)
+
     def decode(
         self,
         rows: Sequence[int],
@@ -46,11 +53,12 @@ class Executor:
         layers: Sequence[int] | None = None,  # a SkipDecode layer list; None = every layer
     ) -> torch.Tensor:
         """One new token per sequence -> next-token logits [B, V] (K/V written, not yet kept)."""
-        if not self.static or self._borrows(rows):
+        if not self.static:
             step = self.cache.make_step(rows, [[t] for t in tokens])
             return self.model.forward(step, self.cache, layers)
         plan = self._plan(StepKind.DECODE, len(rows), 1, layers)
         plan.load(list(rows), self._starts(rows, 1), torch.tensor(tokens)[:, None],
+                  kv_rows=self.cache.shared_rows(rows, self.cache.capacity),
                   scratch_row=self.scratch_row)
         self._run(plan)
         return plan.logits[: len(rows)]
@@ -64,7 +72,7 @@ class Executor:
     ) -> torch.Tensor:  # [B, N, V] logits at every node
         """A token tree per sequence in one step (K/V of every node written at starts + i)."""
         width = tokens.shape[1]
-        if not self.static or self._borrows(rows):
+        if not self.static:
             toks = [tokens[b, :n].tolist() for b, n in enumerate(n_nodes)]
             trees = torch.zeros(len(rows), width, width, dtype=torch.bool)
             trees[:] = torch.eye(width, dtype=torch.bool)
@@ -75,15 +83,12 @@ class Executor:
             return self.model.forward(step, self.cache)
         plan = self._plan(StepKind.VERIFY, len(rows), width)
         plan.load(list(rows), self._starts(rows, width), tokens, tree=tree, n_new=list(n_nodes),
+                  kv_rows=self.cache.shared_rows(rows, self.cache.capacity),
                   scratch_row=self.scratch_row)
         self._run(plan)
         return plan.logits[: len(rows)]
 
     # --- plans ------------------------------------------------------------------------------
-    def _borrows(self, rows: Sequence[int]) -> bool:
-        # Prefix-sharing reads follow per-slot row tables; those steps run eagerly.
-        return any(self.cache.lender[r] is not None for r in rows)
-
     def _starts(self, rows: Sequence[int], width: int) -> list[int]:
         starts = [self.cache.lengths[r] for r in rows]
         for r, s in zip(rows, starts):
@@ -97,6 +102,13 @@ class Executor:
     def _plan(
         self, kind: StepKind, batch: int, width: int, layers: Sequence[int] | None = None
     ) -> StepPlan:
+        if self.scratch_row is None:
+            if not self.cache.free_rows:
+                self.cache.reserve(self.cache.rows + 1, self.cache.capacity)
+            self.scratch_row = self.cache.allocate()
+        if self.cache.version != self.cache_version:  # the cache grew: its storage moved
+            self.plans.clear()
+            self.cache_version = self.cache.version
         key = (kind, batch_bucket(batch), width, None if layers is None else tuple(layers))
         if key not in self.plans:
             self.plans[key] = build_step_plan(

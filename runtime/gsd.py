@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..graph.model import Transformer
-from .kv_cache import KVCache
 from .sampling import SamplingParams, probabilities
 
 
@@ -151,13 +149,16 @@ def sampling_depth(p: GSDParams) -> int:
 
 
 class ModelDraft:
-    """A draft model with its own KV cache, drafting DAGs for a batch of sequences at once."""
+    """A draft model with its own KV cache (a Worker kept across calls, with its own prefix
+    cache), drafting DAGs for a batch of streams at once. A stream's draft row holds the K/V of
+    its context's first `lengths[row]` tokens; each round first catches up on the rest."""
 
-    def __init__(self, model: Transformer, cache: KVCache, vocab_size: int | None = None):
-        self.model, self.cache = model, cache
+    def __init__(self, worker, vocab_size: int | None = None):
+        self.worker = worker
+        self.model, self.cache = worker.model, worker.cache
         # The target's vocabulary: a draft whose embedding has extra padding rows (or fewer) is
         # cut (or padded with -inf) to it, so it never proposes an id the target cannot score.
-        self.vocab_size = vocab_size or model.cfg.vocab_size
+        self.vocab_size = vocab_size or self.model.cfg.vocab_size
 
     def _fit(self, logits: torch.Tensor) -> torch.Tensor:
         extra = self.vocab_size - logits.shape[-1]
@@ -165,41 +166,59 @@ class ModelDraft:
             return logits[..., : self.vocab_size]
         return torch.nn.functional.pad(logits, (0, extra), value=float("-inf"))
 
-    def begin(self, prompts: Sequence[Sequence[int]]) -> list[int]:
-        rows = [self.cache.allocate() for _ in prompts]
-        self.model.forward(self.cache.make_step(rows, prompts), self.cache)
-        self.cache.extend(rows, [len(p) for p in prompts])
-        return rows
+    def _join(self, streams) -> None:
+        """A draft row for each stream that has none: a fork's shares its parent's draft row up
+        to where the two sequences agree; others fork the draft's prefix cache."""
+        new = [s for s in streams if s.state is None]
+        for s in [s for s in new if s.parent is not None and s.parent.state is not None]:
+            src = s.parent.state
+            n = min(self.cache.lengths[src], _common_prefix_len(s.context, s.parent.context),
+                    len(s.context) - 1)
+            s.state = self.worker.allocate_fork(src, n) if n > 0 else self.worker.allocate()
+        new = [s for s in new if s.state is None]
+        if new:
+            for s, row in zip(new, self.worker.rows_for([s.context for s in new])):
+                s.state = row
+        need = max(len(s.context) + s.params.max_new_tokens for s in streams)
+        self.worker.ensure_capacity(need + 65)  # the largest draft tree and its root
 
-    def end(self, rows: Sequence[int]) -> None:
-        for r in rows:
-            self.cache.free(r)
+    def leave(self, s) -> None:
+        if s.state is not None:
+            self.worker.prefixes.insert(s.context[: self.cache.lengths[s.state]], s.state)
+            s.state = None
+
+    def draft_for(self, streams, p: GSDParams) -> list[DAG]:
+        self._join(streams)
+        rows = [s.state for s in streams]
+        pending = [s.context[self.cache.lengths[r]:] for s, r in zip(streams, rows)]
+        return self.draft(rows, pending, p, [s.params for s in streams],
+                          [s.generator for s in streams])
 
     def draft(
         self,
         rows: Sequence[int],
         pending: Sequence[Sequence[int]],  # per sequence: tokens not yet in the draft cache; the
         p: GSDParams,  # last one is the root
-        params: SamplingParams,
-        generators: Sequence[torch.Generator],
+        params: Sequence[SamplingParams],  # per sequence
+        generators: Sequence[torch.Generator | None],
     ) -> list[DAG]:
         cache, model = self.cache, self.model
         # Level 0: catch up on the pending tokens; the root's logits seed the DAG.
         logits = self._fit(model.forward(cache.make_step(rows, pending), cache))  # [B, V]
         cache.extend(rows, [len(t) - 1 for t in pending])  # the root stays pending (node 0)
         dags = [DAG([Node(t[-1], -1, 0, 1.0, True, in_edges=[], computed=True)]) for t in pending]
-        max_depth = p.max_depth if params.greedy else sampling_depth(p)
+        depths = [p.max_depth if q.greedy else sampling_depth(p) for q in params]
         frontier = [[0] for _ in rows]
         scores = {b: logits[b, None] for b in range(len(rows))}  # b -> [F, V] at its frontier
-        for depth in range(max_depth):
+        for depth in range(max(depths)):
             for b in scores:
                 dag, grown = dags[b], []
                 for f, node_id in enumerate(frontier[b]):
-                    grown += self._expand(dag, node_id, scores[b][f], p, params, generators[b],
-                                          depth + 1 < max_depth)
+                    grown += self._expand(dag, node_id, scores[b][f], p, params[b], generators[b],
+                                          depth + 1 < depths[b])
                 frontier[b] = [i for i in grown if dag.nodes[i].expandable]
-            live = [b for b in range(len(rows)) if frontier[b]]
-            if depth + 1 == max_depth or not live:
+            live = [b for b in range(len(rows)) if frontier[b] and depth + 1 < depths[b]]
+            if not live:
                 break
             scored = self._score([rows[b] for b in live], [dags[b] for b in live],
                                  [frontier[b] for b in live])
@@ -256,11 +275,10 @@ class ModelDraft:
         return self._fit(self.model.forward(step, self.cache))
 
     def accepted(self, rows: Sequence[int], dags: Sequence[DAG], trees: Sequence[Tree],
-                 paths: Sequence[list[int]], emitted: Sequence[list[int]]) -> list[list[int]]:
-        """Keep the K/V the draft computed in the accepted path's own context; return, per
-        sequence, the emitted tokens the draft must still catch up on (ending with the new root)."""
-        pending = []
-        for row, dag, tree, path, out in zip(rows, dags, trees, paths, emitted):
+                 paths: Sequence[list[int]]) -> None:
+        """Keep the K/V the draft computed in the accepted path's own context (the next round
+        catches up on the emitted tokens past it)."""
+        for row, dag, tree, path in zip(rows, dags, trees, paths):
             start = self.cache.lengths[row]
             # The root, then each path node the draft ran under the previous kept node (a node
             # reached through a merge edge was computed in another context; a leaf never ran).
@@ -271,8 +289,11 @@ class ModelDraft:
                     break
                 keep.append(d)
             self.cache.commit(row, [start + d for d in keep])
-            pending.append(out[len(keep) - 1 :])
-        return pending
+
+
+def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 class NgramTable:

@@ -1,8 +1,11 @@
 """A preallocated KV cache: rows of slots, one write path, commit/rollback, prefix sharing.
 
-Storage is k, v [L, R, Hkv, C, D]: R rows (one per live sequence) of C slots. A row's committed
-tokens sit in slots [0, length). A row may borrow its first n slots from another row (`fork`): the
-shared prefix is read in place, never copied, and the lender cannot roll back below what it lends.
+Storage is k, v [L, R, Hkv, C, D]: R rows (one per live sequence or kept prefix) of C slots,
+grown on demand (`reserve`). A row's committed tokens sit in slots [0, length). A row may borrow
+its first n slots from another row (`fork`): the shared prefix is read in place, never copied, and
+the lender cannot roll back below what it lends. Rows are refcounted: an owner (a stream, a
+prefix-cache entry) and each borrower hold one reference, so a lender whose own sequence ends
+stays readable until its last borrower is freed.
 
 The forward writes the K/V of a step's new tokens (the one write path, `write`); the caller then
 keeps them (`extend`), keeps only some of them in a new order (`commit`, an index copy, used after a
@@ -18,6 +21,7 @@ import torch
 from ..graph.config import ModelConfig
 from ..graph.step import Step, tree_depths
 from ..kernels.attention import tree_bits_from_mask
+from ..kernels.kv_commit import kv_commit_
 
 
 class KVCacheError(RuntimeError):
@@ -33,52 +37,99 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.k = self.v = torch.empty(0)
+        self.capacity = 0
+        self.lengths: list[int] = []
+        self.lender: list[tuple[int, int] | None] = []  # row -> (src row, n slots)
+        self.borrowers: list[dict[int, int]] = []  # row -> {borrowing row: slots it reads}
+        self.refs: list[int] = []  # owners (a stream, a prefix-cache entry) + borrowers; 0 = free
+        self.free_rows: list[int] = []
+        self.version = 0  # bumped when the storage is reallocated (static plans point into it)
+        self.reserve(rows, capacity)
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def row_bytes(self, capacity: int | None = None) -> int:
+        """Bytes of K and V that one row of `capacity` slots (default: the current) takes."""
+        c = self.cfg
+        slots = (self.capacity if capacity is None else capacity) + 1
+        return 2 * c.num_layers * c.num_kv_heads * slots * c.head_dim * self.dtype.itemsize
+
+    def reserve(self, rows: int, capacity: int) -> None:
+        """Grow the storage to at least `rows` rows of `capacity` slots, keeping every row's
+        contents and ids (a reallocation and one copy; static plans must be rebuilt after it)."""
+        rows, capacity = max(rows, self.rows), max(capacity, self.capacity)
+        if rows == self.rows and capacity == self.capacity:
+            return
         # One slot past the capacity is scratch: padding tokens write there, nothing reads it, so
         # a write never needs a data-dependent shape (which CUDA-graph capture forbids).
-        shape = (cfg.num_layers, rows, cfg.num_kv_heads, capacity + 1, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.capacity = capacity
-        self.lengths = [0] * rows
-        self.lender: list[tuple[int, int] | None] = [None] * rows  # row -> (src row, n slots)
-        self.lent = [0] * rows  # slots of this row that other rows read
-        self.borrowers = [0] * rows
-        self.free_rows = list(range(rows - 1, -1, -1))
-        self.device = torch.device(device)
+        c = self.cfg
+        shape = (c.num_layers, rows, c.num_kv_heads, capacity + 1, c.head_dim)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.rows:
+            old_rows, old_cap = self.rows, self.capacity
+            k[:, :old_rows, :, :old_cap] = self.k[:, :, :, :old_cap]
+            v[:, :old_rows, :, :old_cap] = self.v[:, :, :, :old_cap]
+        self.k, self.v, self.capacity = k, v, capacity
+        added = range(self.rows, rows)
+        self.lengths += [0 for _ in added]
+        self.lender += [None for _ in added]
+        self.borrowers += [{} for _ in added]
+        self.refs += [0 for _ in added]
+        self.free_rows = list(reversed(added)) + self.free_rows
+        self.version += 1
 
     # --- rows -------------------------------------------------------------------------------
     def allocate(self) -> int:
+        """A free row, owned once by the caller (`free` drops that ownership)."""
         if not self.free_rows:
             raise KVCacheError(
-                f"KV cache exhausted: all {len(self.lengths)} rows are in use "
-                "(raise max_batch when loading the model)"
+                f"KV cache exhausted: all {self.rows} rows are in use "
+                "(raise kv_cache_mb when loading the model)"
             )
         row = self.free_rows.pop()
-        self.lengths[row], self.lender[row], self.lent[row] = 0, None, 0
+        self.lengths[row], self.lender[row], self.refs[row] = 0, None, 1
         return row
 
-    def fork(self, src: int, n: int) -> int:
-        """A new row whose first n slots are src's first n (read in place, not copied)."""
+    def fork(self, src: int, n: int, row: int | None = None) -> int:
+        """A new row (or `row`, freshly allocated) whose first n slots are src's first n, read in
+        place, never copied. src stays allocated while the new row lives, even if its own owner
+        frees it first."""
         if not 0 < n <= self.lengths[src]:
             raise KVCacheError(f"cannot share {n} slots of row {src}: it holds {self.lengths[src]}")
-        row = self.allocate()
+        row = self.allocate() if row is None else row
         self.lender[row] = (src, n)
         self.lengths[row] = n
-        self.lent[src] = max(self.lent[src], n)
-        self.borrowers[src] += 1
+        self.borrowers[src][row] = n
+        self.refs[src] += 1
         return row
 
+    def lent(self, row: int) -> int:
+        """Slots of this row that other rows read (it cannot roll back below them)."""
+        return max(self.borrowers[row].values(), default=0)
+
     def free(self, row: int) -> None:
-        if self.borrowers[row]:
-            raise KVCacheError(f"row {row} still lends its prefix to {self.borrowers[row]} rows")
+        """Drop one reference to the row; it returns to the pool when no owner or borrower is
+        left, and then drops its own reference to the row it borrows from."""
+        if self.refs[row] <= 0:
+            raise KVCacheError(f"row {row} is not allocated")
+        self.refs[row] -= 1
+        if self.refs[row]:
+            return
         if self.lender[row] is not None:
             src = self.lender[row][0]
-            self.borrowers[src] -= 1
-            if not self.borrowers[src]:
-                self.lent[src] = 0
+            del self.borrowers[src][row]
+            self.free(src)
         self.lender[row] = None
         self.lengths[row] = 0
         self.free_rows.append(row)
+
+    def in_use(self) -> int:
+        return self.rows - len(self.free_rows)
 
     # --- length updates ---------------------------------------------------------------------
     def extend(self, rows: Sequence[int], counts: Sequence[int]) -> None:
@@ -87,10 +138,10 @@ class KVCache:
             self.lengths[row] += int(n)
 
     def rollback(self, row: int, length: int) -> None:
-        if length < self.lent[row]:
+        if length < self.lent(row):
             raise KVCacheError(
                 f"cannot roll row {row} back to {length}: "
-                f"its first {self.lent[row]} slots are shared"
+                f"its first {self.lent(row)} slots are shared"
             )
         if length > self.lengths[row]:
             raise KVCacheError(
@@ -109,6 +160,24 @@ class KVCache:
         for cache in (self.k, self.v):
             cache[:, row, :, dst] = cache[:, row, :, src]  # the gather copies before the scatter
         self.lengths[row] = start + len(src)
+
+    def commit_many(self, rows: Sequence[int], src_slots: Sequence[Sequence[int]]) -> None:
+        """`commit` for several rows at once: on CUDA one Triton launch for all of them (every
+        layer, head and row: kernels/kv_commit.py), elsewhere an index copy per row."""
+        if not self.k.is_cuda:
+            for row, src in zip(rows, src_slots):
+                self.commit(row, src)
+            return
+        width = max(len(s) for s in src_slots)
+        src = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, slots in enumerate(src_slots):
+            src[b, : len(slots)] = torch.as_tensor(slots)
+        dev = self.device
+        kv_commit_(self.k, self.v, torch.tensor(list(rows), device=dev),
+                   torch.tensor([self.lengths[r] for r in rows], device=dev), src.to(dev),
+                   torch.tensor([len(s) for s in src_slots], device=dev))
+        for row, slots in zip(rows, src_slots):
+            self.lengths[row] += len(slots)
 
     # --- steps ------------------------------------------------------------------------------
     def make_step(
@@ -161,7 +230,7 @@ class KVCache:
                 positions = starts[:, None] + tree_depths(tree)
         rows_t = torch.tensor(list(rows), dtype=torch.long)
         dev = self.device
-        kv_rows = self._shared_rows(rows, kv_len)
+        kv_rows = self.shared_rows(rows, kv_len)
         return Step(
             tokens=tok.to(dev),
             positions=positions.to(dev),
@@ -181,7 +250,7 @@ class KVCache:
             rows_contiguous=rows_t.tolist() == list(range(rows[0], rows[0] + batch)),
         )
 
-    def _shared_rows(self, rows: Sequence[int], kv_len: int) -> torch.Tensor | None:
+    def shared_rows(self, rows: Sequence[int], kv_len: int) -> torch.Tensor | None:
         """[B, S] the row holding each slot each sequence reads, following borrowed prefixes;
         None when no sequence of the step borrows."""
         if all(self.lender[r] is None for r in rows):

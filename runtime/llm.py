@@ -15,11 +15,11 @@ from ..graph.model import Transformer
 from ..graph.weights import ModelWeights
 from ..loaders.safetensors_weights import read_state_dict
 from ..loaders.tokenizer import Tokenizer
+from .engine import Engine, LogitProcessor, Stream, Worker
 from .gsd import ModelDraft, NgramDraft, NgramTable
-from .kv_cache import KVCache
-from .methods import AR, Method, Speculative, run_method, slack_slots
+from .methods import AR, Method, Speculative, make_policy
 from .request import Request
-from .sampling import SamplingParams
+from .sampling import SamplingParams, make_generators
 from .stats import DecodeStats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,8 +54,13 @@ class LLM:
         device: str = "cpu",
         max_seq_len: int = 4096,
         weight_dtype: str | torch.dtype | None = None,
+        kv_cache_mb: float = 2048,
+        prefix_cache: bool = True,
     ):
-        """`dtype` is what the forward computes in (activations, KV cache); `weight_dtype` (default:
+        """`kv_cache_mb` bounds the KV cache (live streams and the prefix cache together);
+        `prefix_cache` keeps finished sequences' K/V for later calls that share their prefix.
+
+        `dtype` is what the forward computes in (activations, KV cache); `weight_dtype` (default:
         `dtype`) is what the matrices are stored and multiplied in. "bfloat16" weights under
         float32 activations halve the bytes per token and, on a CPU with AVX-512 BF16, make a
         k-token verification step cost about what one token does (kernels/linear.py)."""
@@ -87,9 +92,14 @@ class LLM:
             )
         eos = set(self.tokenizer.eos_ids) | set(self.config.eos_token_ids)
         self.eos_ids = frozenset(eos)
-        self._cache: KVCache | None = None
+        self.kv_cache_mb, self.prefix_cache = kv_cache_mb, prefix_cache
+        # One worker (KV cache, prefix cache, executor and its plans) and one engine per loaded
+        # model, kept across calls.
+        self.worker = Worker(self.model, self.max_seq_len + DRAFT_SLACK, kv_cache_mb, prefix_cache)
+        self.engine = Engine(self.worker, self._policy_for)
         self.last_completion: Completion | None = None  # set when a `stream` ends
         self._drafts: dict[str, LLM] = {}
+        self._draft_sources: dict[str, ModelDraft | NgramDraft] = {}
         self._tables: dict[Path, NgramTable] = {}
 
     # --- prompts ----------------------------------------------------------------------------
@@ -125,25 +135,48 @@ class LLM:
             requests.append(Request(ids, req_params, self.eos_ids, self.tokenizer.stream_decoder()))
         return requests
 
-    def _cache_for(self, requests: list[Request], slack: int = 0) -> KVCache:
-        # +2: the row a shared prompt prefix is prefilled into, and the static plans' scratch row
-        rows = len(requests) + 2
-        need = max(len(r.prompt) + r.params.max_new_tokens for r in requests) + slack
-        c = self._cache
-        if c is None or len(c.lengths) < rows or c.capacity < need:
-            c = self._cache = KVCache(self.config, rows, need, self.model.dtype, self.model.device)
-        return c
+    def _streams(self, requests: list[Request], method: Method, stats: DecodeStats,
+                 processor: LogitProcessor | None = None) -> list[Stream]:
+        gens = make_generators(requests[0].params, len(requests), self.model.device)
+        return [self.engine.add(Stream(r, method, list(r.prompt), g, stats, processor))
+                for r, g in zip(requests, gens)]
 
     def _run(self, requests: list[Request], method: Method, stats: DecodeStats):
-        """(request index, new text) pairs of one generation, timed into `stats`."""
-        slack = slack_slots(method)
-        cache = self._cache_for(requests, slack)
-        draft = self._draft_source(method, requests, slack)
+        """(request index, new text) pairs of one generation, timed into `stats`. Streams of other
+        callers (a server's) may share its steps."""
         t0 = time.perf_counter()
+        streams = self._streams(requests, method, stats)
+        index = {id(s): i for i, s in enumerate(streams)}
         try:
-            yield from run_method(method, self.model, cache, requests, stats, draft)
+            for s, text in self.engine.run(streams):
+                if id(s) in index:
+                    yield index[id(s)], text
         finally:
             stats.seconds = time.perf_counter() - t0
+
+    def _policy_for(self, method: Method):
+        return make_policy(method, self.worker.executor, self._draft_source(method))
+
+    def describe(self) -> str:
+        """What runs where: the backend, each op's implementation, and every op or step kind that
+        runs a slower reference or an eager step, with the reason."""
+        ops = self.model.ops
+        lines = [f"model {self.model_dir} on {self.model.device}, backend {ops.backend.value}, "
+                 f"activations {self.model.dtype}, weights {self.weight_dtype}"]
+        for name in ("rmsnorm", "add_rmsnorm", "rope", "swiglu", "attention", "linear"):
+            fn = getattr(ops, name)
+            lines.append(f"  {name}: {fn.__module__}.{fn.__name__}")
+        ex = self.worker.executor
+        lines.append(f"  steps: {'static plans' if ex.static else 'eager'}"
+                     f"{' + CUDA graphs' if ex.cuda_graphs else ''}, {len(ex.plans)} plans built")
+        lines += [f"  fallback: {f}" for f in fallbacks(self)]
+        cache = self.worker.cache
+        lines.append(f"  KV cache: {cache.rows} rows x {cache.capacity} slots "
+                     f"({cache.rows * cache.row_bytes() / 2**20:.0f} MiB of kv_cache_mb="
+                     f"{self.kv_cache_mb:g}), {cache.in_use()} in use, "
+                     f"{len(self.worker.prefixes.entries)} prefix-cache entries, "
+                     f"{self.worker.prefixes.reused_tokens} prompt tokens reused so far")
+        return "\n".join(lines)
 
     # --- drafts -----------------------------------------------------------------------------
     def draft_model(self, spec: str) -> LLM:
@@ -185,17 +218,28 @@ class LLM:
             self._tables[path] = NgramTable(*read_ngram_table(path, self.config.vocab_size))
         return self._tables[path]
 
-    def _draft_source(self, method: Method, requests: list[Request], slack: int):
+    def resolve_draft(self, spec: str) -> str:
+        """'auto' -> 'default' when the derived draft is built, else 'ngram'."""
+        if spec != "auto":
+            return spec
+        from ..loaders.draft_model import find_draft
+
+        return "default" if find_draft() is not None else "ngram"
+
+    def _draft_source(self, method: Method):
         if not isinstance(method, Speculative):
             return None
-        if method.draft == "ngram":
-            return NgramDraft()
-        if method.draft == "ngram+default":
-            return NgramDraft(table=self.ngram_table())
-        draft = self.draft_model(method.draft)
-        need = max(len(r.prompt) + r.params.max_new_tokens for r in requests) + slack
-        cache = KVCache(draft.config, len(requests), need, draft.model.dtype, draft.model.device)
-        return ModelDraft(draft.model, cache, vocab_size=self.config.vocab_size)
+        spec = self.resolve_draft(method.draft)
+        if spec not in self._draft_sources:
+            if spec == "ngram":
+                source = NgramDraft()
+            elif spec == "ngram+default":
+                source = NgramDraft(table=self.ngram_table())
+            else:
+                draft = self.draft_model(spec)
+                source = ModelDraft(draft.worker, vocab_size=self.config.vocab_size)
+            self._draft_sources[spec] = source
+        return self._draft_sources[spec]
 
     # --- generation -------------------------------------------------------------------------
     def stream(
@@ -208,7 +252,7 @@ class LLM:
     ) -> Iterator[str]:
         """Text of one completion, piece by piece as it is produced."""
         requests = self._requests([prompt], params or SamplingParams(), chat, system)
-        stats = DecodeStats(method.name)
+        stats = DecodeStats(self._method_name(method))
         for _, text in self._run(requests, method, stats):
             if text:
                 yield text
@@ -228,13 +272,62 @@ class LLM:
         single = isinstance(prompts, str) or isinstance(prompts[0], int)
         batch = [prompts] if single else list(prompts)
         requests = self._requests(batch, params or SamplingParams(), chat, system)
-        stats = DecodeStats(method.name)
+        stats = DecodeStats(self._method_name(method))
         # No autograd state to avoid (no weight requires grad), and no inference_mode: the cache
         # outlives the call and must stay writable by later calls made outside such a mode.
         for _ in self._run(requests, method, stats):
             pass
         out = [_completion(r, stats) for r in requests]
         return out[0] if single else out
+
+
+    def _method_name(self, method: Method) -> str:
+        if isinstance(method, Speculative) and method.draft == "auto":
+            return replace(method, draft=self.resolve_draft("auto")).name
+        return method.name
+
+    def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        chat: bool = False,
+        system: str | None = None,
+        method: Method = AR(),
+        on_text=None,
+        processor: LogitProcessor | None = None,
+    ) -> Stream:
+        """Join a request to the engine's live streams (continuous batching) without running it:
+        `step()` advances every live stream; `on_text(piece)` receives its text as it comes."""
+        (request,) = self._requests([prompt], params or SamplingParams(), chat, system)
+        (stream,) = self._streams([request], method, DecodeStats(self._method_name(method)),
+                                  processor)
+        stream.on_text = on_text
+        return stream
+
+    def step(self) -> list[tuple[Stream, str]]:
+        """One engine step over every live stream (see runtime/engine.py)."""
+        return self.engine.step()
+
+
+def fallbacks(llm: LLM) -> list[str]:
+    """Every place where this model's steps run a reference or an eager path, and why."""
+    out = []
+    ex = llm.worker.executor
+    if llm.model.ops.backend.value == "torch":
+        out.append("every op runs its pure-torch reference (the CPU backend; kernels are for "
+                   "CUDA)")
+    else:
+        out.append("attention of GSD's level-by-level draft steps (a tree over a pending window "
+                   "wider than the step) runs the reference: the Triton kernel takes a step's own "
+                   "tree only")
+        out.append("accept: the lossless sampled rule runs its reference per sequence (the "
+                   "Triton verify_sample kernel draws from Philox, not the per-stream generator)")
+    if not ex.static:
+        out.append("decode/verify steps run eagerly (static plans pay off only on CUDA)")
+    out.append("prefill and draft-model steps run eagerly (their shapes vary per step)")
+    out.append("self-speculation's draft and verify steps run eagerly (partial layer lists "
+               "continuing from a saved residual stream have no plan kind yet)")
+    return out
 
 
 class DraftMismatchError(ValueError):
@@ -270,6 +363,8 @@ def load(
     device: str = "cpu",
     max_seq_len: int = 4096,
     weight_dtype: str | torch.dtype | None = None,
+    kv_cache_mb: float = 2048,
+    prefix_cache: bool = True,
 ) -> LLM:
     """Load a model directory or GGUF file; None loads the embedded default model."""
     if path is None:
@@ -282,7 +377,8 @@ def load(
 
         path = converted_gguf_dir(path)
     return LLM(
-        path, dtype=dtype, device=device, max_seq_len=max_seq_len, weight_dtype=weight_dtype
+        path, dtype=dtype, device=device, max_seq_len=max_seq_len, weight_dtype=weight_dtype,
+        kv_cache_mb=kv_cache_mb, prefix_cache=prefix_cache,
     )
 
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
-from ..graph.model import Transformer
 from ..graph.skip import SkipSchedule
-from .ar import generate_ar
+from .ar import DecodePolicy, skip_layers
+from .engine import Engine, Stream, Worker
+from .executor import Executor
 from .gsd import GSDParams, ModelDraft, NgramDraft
-from .kv_cache import KVCache
 from .request import Request
-from .skipdecode import generate_selfspec
-from .speculative import generate_speculative
+from .sampling import make_generators
+from .skipdecode import SelfSpecPolicy
+from .speculative import SpeculativePolicy
 from .stats import DecodeStats
 
 
@@ -52,9 +54,13 @@ class SelfSpec:
     k: int = 4
     draft_speedup: float = 2.0
     warmup_layers: int = 2
+    adaptive: bool = True  # draft only while drafting measures faster (runtime/skipdecode.py)
+    layers: tuple[int, ...] | None = None  # an explicit draft layer set instead of the above
     name = "selfspec"
 
     def draft_layers(self, num_layers: int) -> list[int]:
+        if self.layers is not None:
+            return list(self.layers)
         n = max(self.warmup_layers + 1, round(num_layers / self.draft_speedup))
         n = min(n, num_layers)
         return list(range(self.warmup_layers)) + list(
@@ -102,34 +108,37 @@ class Speculative:
 Method = AR | SkipDecode | SelfSpec | Speculative
 
 
-def slack_slots(method: Method) -> int:
-    """Cache slots past prompt + max_new_tokens that the method's drafting may write."""
-    if isinstance(method, SelfSpec):
-        return method.k + 1
-    if isinstance(method, Speculative):
-        return method.node_budget + 1
-    return 0
-
-
-def run_method(
-    method: Method,
-    model: Transformer,
-    cache: KVCache,
-    requests: list[Request],
-    stats: DecodeStats,
-    draft: ModelDraft | NgramDraft | None = None,
-) -> Iterator[tuple[int, str]]:
-    """(request index, new text) as the method produces it; `stats` is filled in on the way.
-    `draft` is the resolved draft source of a Speculative method."""
-    L = model.cfg.num_layers
+def make_policy(method: Method, executor: Executor, draft: ModelDraft | NgramDraft | None = None):
+    """The engine policy that runs `method` on a model's executor; `draft` is the resolved draft
+    source of a Speculative method."""
+    L = executor.model.cfg.num_layers
     if isinstance(method, AR):
-        return generate_ar(model, cache, requests, stats=stats)
+        return DecodePolicy(executor, L)
     if isinstance(method, SkipDecode):
-        longest = max(r.params.max_new_tokens for r in requests)
-        schedule = method.schedule_for(L, longest)
-        return generate_ar(model, cache, requests, layers_at=schedule.layers_at, stats=stats)
+        schedule = lru_cache(maxsize=None)(lambda tokens: method.schedule_for(L, tokens))
+        return DecodePolicy(executor, L, layers_for=skip_layers(schedule))
     if isinstance(method, SelfSpec):
-        return generate_selfspec(model, cache, requests, method.draft_layers(L), method.k, stats)
+        return SelfSpecPolicy(executor, method.draft_layers(L), method.k, method.adaptive)
     if isinstance(method, Speculative):
-        return generate_speculative(model, cache, requests, draft, method.params(), stats)
+        return SpeculativePolicy(executor, draft, method.params())
     raise TypeError(f"unknown decoding method {method!r}")
+
+
+def run_requests(
+    worker: Worker,
+    requests: list[Request],
+    method: Method = AR(),
+    draft: ModelDraft | NgramDraft | None = None,
+    stats: DecodeStats | None = None,
+) -> Iterator[tuple[int, str]]:
+    """Decode `requests` on a model's worker with one engine built for the call: (request index,
+    new text) as it comes. What `LLM` does with its persistent engine, for tests and benchmarks
+    that hold a bare model."""
+    stats = stats or DecodeStats(method.name)
+    engine = Engine(worker, lambda m: make_policy(m, worker.executor, draft))
+    gens = make_generators(requests[0].params, len(requests), worker.model.device)
+    streams = [engine.add(Stream(r, method, list(r.prompt), g, stats))
+               for r, g in zip(requests, gens)]
+    index = {id(s): i for i, s in enumerate(streams)}
+    for s, text in engine.run(streams):
+        yield index[id(s)], text

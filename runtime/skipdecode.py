@@ -11,101 +11,153 @@ One round, for every active sequence of the batch at once:
   3. Accept (greedy: the target's argmax; sampled: the lossless rejection rule, with the draft's
      and target's distributions processed by the same SamplingParams) and keep the accepted K/V.
 The output is token-identical to greedy AR of the full model, and distributed as AR when sampling.
+
+A round of k drafts costs k skip-layer steps plus a (k + 1)-token verify step, and pays only when
+enough drafts are accepted: on the untrained default model the skip-layer draft agrees with the
+full model on few tokens, so a round emits ~1.5 tokens for the cost of ~3 full steps. With
+`adaptive` on, the policy measures both (tokens per second of its draft rounds and of plain
+full-model steps, as moving averages) and runs the faster; it re-measures drafting every
+`probe_every` plain steps. The stats count the plain steps it chose (`plain_steps`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import torch
 
-from ..graph.model import Transformer
-from .ar import prefill
-from .kv_cache import KVCache
-from .request import Request
-from .sampling import draw, make_generators, probabilities, sample
+from .ar import DecodePolicy
+from .engine import Engine, Stream
+from .executor import Executor
+from .sampling import draw, probabilities
 from .speculative import accept, commit
-from .stats import DecodeStats
+
+EMA = 0.3  # weight of the newest measurement in the moving averages
 
 
-def generate_selfspec(
-    model: Transformer,
-    cache: KVCache,
-    requests: list[Request],
-    draft_layers: list[int],  # the draft's layer set: [0, w) + some top layers, ascending
-    k: int,
-    stats: DecodeStats | None = None,
-) -> Iterator[tuple[int, str]]:
-    if k < 1:
-        raise ValueError(f"self-speculative draft length k={k}: expected >= 1")
-    L = model.cfg.num_layers
-    w = next((i for i, layer in enumerate(draft_layers) if layer != i), len(draft_layers))
-    warmup, top = draft_layers[:w], draft_layers[w:]
-    rest = list(range(w, L))  # what verification runs on top of the shared warm-up
-    params = requests[0].params
-    gens = make_generators(params, len(requests), model.device)
-    stats = stats or DecodeStats("selfspec")
-    rows, logits, extra_rows = prefill(model, cache, [r.prompt for r in requests])
-    try:
-        roots = sample(logits, params, gens)
-        for i, tok in enumerate(roots):
-            yield i, requests[i].push(tok)
-        stats.generated_tokens += len(requests)
-        stats.layers_computed += L * len(requests)
-        active = [i for i in range(len(requests)) if not requests[i].finished]
-        while active:
-            act_rows = [rows[i] for i in active]
-            starts = [cache.lengths[r] for r in act_rows]
-            t0 = time.perf_counter()
-            # 1. Draft: k skip-layer steps, then the warm-up layers of the last draft token.
-            cur = [roots[i] for i in active]
-            drafts, streams, q = [], [], []
-            for j in range(k + 1):
-                step = cache.make_step(act_rows, [[t] for t in cur])
-                h_w = model.hidden(step, cache, warmup)  # [B, 1, d]
-                streams.append(h_w)
-                cache.extend(act_rows, [1] * len(act_rows))
-                if j == k:
-                    break
-                h = model.hidden(step, cache, top, start=h_w)
-                draft_logits = model.logits(h[:, 0])  # [B, V]
-                if params.greedy:
-                    cur = draft_logits.argmax(-1).tolist()
+class SelfSpecPolicy:
+    def __init__(
+        self,
+        executor: Executor,
+        draft_layers: list[int],  # the draft's layer set: [0, w) + some top layers, ascending
+        k: int,
+        adaptive: bool = True,
+        probe_every: int = 16,
+    ):
+        if k < 1:
+            raise ValueError(f"self-speculative draft length k={k}: expected >= 1")
+        self.executor, self.k, self.slack = executor, k, k + 1
+        self.model = executor.model
+        L = self.model.cfg.num_layers
+        w = next((i for i, layer in enumerate(draft_layers) if layer != i), len(draft_layers))
+        self.warmup, self.top, self.draft_layers = draft_layers[:w], draft_layers[w:], draft_layers
+        self.rest = list(range(w, L))  # what verification runs on top of the shared warm-up
+        self.plain = DecodePolicy(executor, L)
+        self.adaptive, self.probe_every = adaptive, probe_every
+        self.rate = {"draft": None, "plain": None}  # tokens per stream per second (EMA)
+        self.plain_run = 0  # plain steps since the last draft round
+
+    def _choose(self) -> str:
+        if not self.adaptive:
+            return "draft"
+        for kind in ("draft", "plain"):  # measure each once first
+            if self.rate[kind] is None:
+                return kind
+        if self.rate["draft"] >= self.rate["plain"] or self.plain_run >= self.probe_every:
+            return "draft"
+        return "plain"
+
+    def _measure(self, kind: str, tokens_per_stream: float, seconds: float) -> None:
+        r = tokens_per_stream / max(seconds, 1e-9)
+        old = self.rate[kind]
+        self.rate[kind] = r if old is None else (1 - EMA) * old + EMA * r
+
+    def round(self, engine: Engine, streams: list[Stream]) -> None:
+        kind = self._choose()
+        t0 = time.perf_counter()
+        before = sum(len(s.request.tokens) for s in streams)
+        if kind == "plain":
+            self.plain.step(engine, streams, None)
+            self.plain_run += 1
+            for st in {id(s.stats): s.stats for s in streams}.values():
+                st.plain_steps += 1
+        else:
+            self.draft_round(engine, streams)
+            self.plain_run = 0
+        emitted = sum(len(s.request.tokens) for s in streams) - before
+        self._measure(kind, emitted / len(streams), time.perf_counter() - t0)
+
+    def draft_round(self, engine: Engine, streams: list[Stream]) -> None:
+        model, cache, k = self.model, self.executor.cache, self.k
+        rows = [s.row for s in streams]
+        starts = [cache.lengths[r] for r in rows]
+        roots = [s.context[-1] for s in streams]
+        t0 = time.perf_counter()
+        # 1. Draft: k skip-layer steps, then the warm-up layers of the last draft token.
+        cur = list(roots)
+        drafts, streams_h, q = [], [], []
+        contexts = [list(s.context) for s in streams]
+        for j in range(k + 1):
+            step = cache.make_step(rows, [[t] for t in cur])
+            h_w = model.hidden(step, cache, self.warmup)  # [B, 1, d]
+            streams_h.append(h_w)
+            cache.extend(rows, [1] * len(rows))
+            if j == k:
+                break
+            h = model.hidden(step, cache, self.top, start=h_w)
+            draft_logits = model.logits(h[:, 0])  # [B, V]
+            cur, probs = [], []
+            for b, s in enumerate(streams):
+                logits_b = engine.process(s, contexts[b], draft_logits[b])
+                if s.params.greedy:
+                    cur.append(int(logits_b.argmax()))
+                    probs.append(torch.zeros(0))
                 else:
-                    probs = probabilities(draft_logits, params)
-                    q.append(probs)
-                    cur = [draw(p, gens[i]) for p, i in zip(probs, active)]
-                drafts.append(cur)
-            for r, s in zip(act_rows, starts):
-                cache.rollback(r, s)
-            t1 = time.perf_counter()
-            # 2. Verify root + drafts over layers [w, L), continuing from the draft's streams.
-            chain = [[roots[i]] + [d[b] for d in drafts] for b, i in enumerate(active)]
-            step = cache.make_step(act_rows, chain, logits="all")
-            h = model.hidden(step, cache, rest, start=torch.cat(streams, dim=1))
-            target_logits = model.logits(h)  # [B, k + 1, V]
-            tokens = torch.tensor(chain)
-            parents = torch.arange(-1, k).expand(len(active), k + 1)
-            draft_probs = None
-            if not params.greedy:  # node j's child (draft j + 1) was drawn from q[j]
-                draft_probs = torch.stack(q + [q[-1]], dim=1)  # the last row is never used
-            accepted = accept(tokens, parents, [k + 1] * len(active), target_logits, params,
-                              draft_probs, [gens[i] for i in active])
-            commit(cache, act_rows, accepted)
-            t2 = time.perf_counter()
-            stats.draft_seconds += t1 - t0
-            stats.verify_seconds += t2 - t1
-            stats.steps += 1
-            for i, acc in zip(active, accepted):
-                stats.accepted.append(len(acc.path))
-                before = len(requests[i].tokens)
-                yield i, requests[i].push_many(acc.tokens)
-                emitted = len(requests[i].tokens) - before
-                stats.generated_tokens += emitted
-                stats.layers_computed += k * len(draft_layers) + w + (k + 1) * len(rest)
-                roots[i] = acc.tokens[-1]
-            active = [i for i in active if not requests[i].finished]
-    finally:
-        for row in rows + extra_rows:
-            cache.free(row)
+                    pb = probabilities(logits_b, s.params)
+                    probs.append(pb)
+                    cur.append(draw(pb, s.generator))
+                contexts[b].append(cur[-1])
+            q.append(probs)
+            drafts.append(cur)
+        for r, st in zip(rows, starts):
+            cache.rollback(r, st)
+        t1 = time.perf_counter()
+        # 2. Verify root + drafts over layers [w, L), continuing from the draft's streams.
+        chain = [[roots[b]] + [d[b] for d in drafts] for b in range(len(streams))]
+        step = cache.make_step(rows, chain, logits="all")
+        h = model.hidden(step, cache, self.rest, start=torch.cat(streams_h, dim=1))
+        target_logits = model.logits(h)  # [B, k + 1, V]
+        for b, s in enumerate(streams):
+            if s.processor is not None:
+                for i in range(k + 1):
+                    ctx = s.context + chain[b][1 : i + 1]
+                    target_logits[b, i] = engine.process(s, ctx, target_logits[b, i])
+        tokens = torch.tensor(chain)
+        parents = torch.arange(-1, k).expand(len(streams), k + 1)
+        draft_probs = None
+        if any(not s.params.greedy for s in streams):  # node j's child was drawn from q[j]
+            V = target_logits.shape[-1]
+            draft_probs = torch.zeros(len(streams), k + 1, V)
+            for j in range(k):
+                for b, s in enumerate(streams):
+                    if not s.params.greedy:
+                        draft_probs[b, j] = q[j][b]
+        dev = target_logits.device
+        accepted = accept(tokens.to(dev), parents.to(dev), [k + 1] * len(streams), target_logits,
+                          [s.params for s in streams], draft_probs,
+                          [s.generator for s in streams], [s.philox for s in streams])
+        commit(cache, rows, accepted)
+        t2 = time.perf_counter()
+        for st in {id(s.stats): s.stats for s in streams}.values():
+            st.draft_seconds += t1 - t0
+            st.verify_seconds += t2 - t1
+            st.steps += 1
+        for s, acc in zip(streams, accepted):
+            s.stats.accepted.append(len(acc.path))
+            # The layers this round ran for the stream, shared out over the tokens it emits.
+            s.stats.layers_computed += (k * len(self.draft_layers) + len(self.warmup)
+                                        + (k + 1) * len(self.rest))
+            engine.emit(s, acc.tokens)
+
+    def leave(self, s: Stream) -> None:
+        pass

@@ -17,6 +17,11 @@ class DecodeStats:
     accepted: list[int] = field(default_factory=list)  # draft tokens accepted per verify step
     draft_nodes: int = 0  # draft tokens proposed: DAG nodes below the root (a merge adds none)
     merged_nodes: int = 0  # nodes GSD reused by merging instead of drafting them
+    plain_steps: int = 0  # self-speculation: full-model steps chosen because drafting measured
+    # slower (runtime/skipdecode.py)
+    prefill_tokens: int = 0  # prompt tokens the target ran
+    prefill_seconds: float = 0.0  # catch-up steps (prompts, forks' first tokens), shared by a batch
+    reused_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache instead
 
     @property
     def tokens_per_second(self) -> float:
@@ -40,6 +45,12 @@ class DecodeStats:
             parts.append(f"mean accepted length {self.mean_accepted:.2f} over {len(self.accepted)} "
                          f"verify steps; draft {self.draft_seconds:.2f} s, verify "
                          f"{self.verify_seconds:.2f} s")
+        if self.plain_steps:
+            parts.append(f"{self.plain_steps} of {self.steps} steps without drafting "
+                         "(drafting measured slower)")
+        if self.reused_tokens:
+            parts.append(f"prefix cache: {self.reused_tokens} of "
+                         f"{self.reused_tokens + self.prefill_tokens} prompt tokens reused")
         if self.merged_nodes:
             parts.append(f"draft nodes {self.draft_nodes}, saved by merging {self.merged_nodes}")
         return "; ".join(parts)

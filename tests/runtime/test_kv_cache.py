@@ -12,8 +12,9 @@ from treadle.graph.model import Transformer
 from treadle.graph.step import build_mask, tree_from_parents
 from treadle.graph.weights import ModelWeights
 from treadle.loaders.safetensors_weights import read_state_dict
-from treadle.runtime.ar import generate_ar
+from treadle.runtime.engine import Worker
 from treadle.runtime.kv_cache import KVCache, KVCacheError
+from treadle.runtime.methods import run_requests
 from treadle.runtime.request import Request
 from treadle.runtime.sampling import SamplingParams
 
@@ -28,10 +29,14 @@ def model(tmp_path_factory):
 def greedy(model, prompts, n=10, share_prefix=True, rows=None):
     params = SamplingParams(max_new_tokens=n, ignore_eos=True)
     reqs = [Request(p, params, frozenset()) for p in prompts]
-    cache = KVCache(model.cfg, rows=rows or len(prompts) + 1, capacity=128)
-    for _ in generate_ar(model, cache, reqs, share_prefix=share_prefix):
+    worker = Worker(model, 128, prefix_cache=share_prefix)
+    for _ in run_requests(worker, reqs):
         pass
-    assert all(len(cache.free_rows) == len(cache.lengths) for _ in [0]), "rows leaked"
+    # Finished rows stay in the prefix cache (with the rows they borrow from); clearing it must
+    # free every row.
+    assert worker.cache.in_use() >= len(worker.prefixes.entries) > 0 or not share_prefix
+    worker.prefixes.clear()
+    assert worker.cache.in_use() == 0, "rows leaked"
     return [r.tokens for r in reqs]
 
 
@@ -72,8 +77,14 @@ def test_fork_reads_prefix_in_place_and_forks_of_forks(model):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(KVCacheError, match="shared"):
         cache.rollback(a, 5)
-    with pytest.raises(KVCacheError, match="lends"):
-        cache.free(a)
+    # Refcounted: the lender may be freed before its borrowers; its slots stay readable.
+    cache.free(a)
+    cache.free(b)
+    assert cache.in_use() == 3
+    torch.testing.assert_close(model.forward(cache.make_step([c], [[9]]), cache), ref,
+                               atol=1e-5, rtol=1e-5)
+    cache.free(c)
+    assert cache.in_use() == 0 and sorted(cache.free_rows) == [0, 1, 2, 3]
 
 
 def random_parents(rng, n):

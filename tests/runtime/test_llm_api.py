@@ -58,6 +58,23 @@ def test_cli_generate_streams_then_prints_stats(small_context, capsys):
     assert "tokens/s" in out.strip().splitlines()[-1]
 
 
+def test_cli_options_before_the_prompt_and_chat_template_by_default(small_context, capsys):
+    # No --chat: the default model has a chat template, so it is applied (a raw prompt to an
+    # instruct model tends to get EOS at once); options may precede the prompt.
+    assert main(["generate", "--max-new-tokens", "8", "What is the capital of France?"]) == 0
+    assert capsys.readouterr().out.startswith("The capital of France is Paris.")
+    assert main(["generate", "--raw", "--ignore-eos", "--max-new-tokens", "5", "The sky"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("[5 tokens") and "finish: length" in last
+
+
+def test_cli_verbose_describes_every_fallback_and_auto_draft_says_which(small_context, capsys):
+    assert main(["generate", "--verbose", "--method", "sd", "--max-new-tokens", "4", "Hi"]) == 0
+    err = capsys.readouterr().err
+    assert "backend torch" in err and "fallback:" in err and "attention:" in err
+    assert "[draft: " in err and "auto" in err
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -9,12 +9,11 @@ import pytest
 import torch
 from tiny_models import load_tiny
 from treadle.graph.skip import ScheduleError, SkipSchedule
-from treadle.runtime.ar import generate_ar
+from treadle.runtime.engine import Worker
 from treadle.runtime.kv_cache import KVCache
-from treadle.runtime.methods import SelfSpec, SkipDecode
+from treadle.runtime.methods import SelfSpec, SkipDecode, run_requests
 from treadle.runtime.request import Request
 from treadle.runtime.sampling import SamplingParams, probabilities
-from treadle.runtime.skipdecode import generate_selfspec
 from treadle.runtime.stats import DecodeStats
 
 
@@ -85,7 +84,8 @@ def test_skipdecode_batch_never_reads_a_key_it_did_not_compute(model):
     schedule = SkipSchedule(num_layers=8, max_layers=7, min_layers=3, warmup_layers=1,
                             decay_length=16)
     stats = DecodeStats("skipdecode")
-    for _ in generate_ar(model, cache, reqs, layers_at=schedule.layers_at, stats=stats):
+    worker = Worker(model, 64, cache=cache)
+    for _ in run_requests(worker, reqs, SkipDecode(schedule=schedule), stats=stats):
         pass
     assert cache.reads > 0 and all(len(r.tokens) == 24 for r in reqs)
     # Mean layers per token: the first token from the full-depth prompt step, then the schedule.
@@ -96,8 +96,7 @@ def test_skipdecode_batch_never_reads_a_key_it_did_not_compute(model):
 
 def ar_tokens(model, prompts, params):
     reqs = [Request(p, params, frozenset()) for p in prompts]
-    cache = KVCache(model.cfg, rows=len(prompts) + 2, capacity=96)
-    for _ in generate_ar(model, cache, reqs):
+    for _ in run_requests(Worker(model, 96), reqs):
         pass
     return [r.tokens for r in reqs]
 
@@ -111,11 +110,27 @@ def test_selfspec_greedy_is_token_identical_to_ar(model, k, draft):
     reqs = [Request(p, params, frozenset()) for p in prompts]
     cache = TrackingCache(model.cfg, rows=5, capacity=96)
     stats = DecodeStats("selfspec")
-    for _ in generate_selfspec(model, cache, reqs, draft, k, stats):
+    method = SelfSpec(k=k, layers=tuple(draft), adaptive=False)
+    for _ in run_requests(Worker(model, 96, cache=cache), reqs, method, stats=stats):
         pass
     assert [r.tokens for r in reqs] == ar_tokens(model, prompts, params)
     if draft == list(range(8)):  # the draft IS the model: every draft token is accepted
         assert all(a == k for a in stats.accepted)
+
+
+def test_adaptive_selfspec_is_lossless_and_counts_its_plain_steps(model):
+    rng = random.Random(9)
+    prompts = [[rng.randrange(211) for _ in range(n)] for n in (6, 3)]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    reqs = [Request(p, params, frozenset()) for p in prompts]
+    stats = DecodeStats("selfspec")
+    method = SelfSpec(k=3, layers=(0, 7), adaptive=True)
+    for _ in run_requests(Worker(model, 96), reqs, method, stats=stats):
+        pass
+    assert [r.tokens for r in reqs] == ar_tokens(model, prompts, params)
+    # It measured both kinds of step: at least one draft round and one plain step.
+    assert stats.accepted and stats.plain_steps >= 1
+    assert stats.steps == len(stats.accepted) // len(prompts) + stats.plain_steps
 
 
 def test_selfspec_method_draft_layers():
@@ -141,8 +156,8 @@ def test_selfspec_sampling_preserves_the_target_distribution(tmp_path):
     for call in range(calls):
         p = SamplingParams(max_new_tokens=2, temperature=1.0, ignore_eos=True, seed=call * batch)
         reqs = [Request(prompt, p, frozenset()) for _ in range(batch)]
-        cache = KVCache(small.cfg, rows=batch + 2, capacity=16)
-        for _ in generate_selfspec(small, cache, reqs, [0, 3], 2):
+        method = SelfSpec(k=2, layers=(0, 3), adaptive=False)
+        for _ in run_requests(Worker(small, 16), reqs, method):
             pass
         for r in reqs:
             counts[r.tokens[1]] += 1

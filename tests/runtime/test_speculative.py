@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 from tiny_models import load_tiny
-from treadle.runtime.ar import generate_ar
+from treadle.runtime.engine import Worker
 from treadle.runtime.gsd import (
     DAG,
     GSDParams,
@@ -19,9 +20,9 @@ from treadle.runtime.gsd import (
     unfold,
 )
 from treadle.runtime.kv_cache import KVCache
+from treadle.runtime.methods import Speculative, run_requests
 from treadle.runtime.request import Request
 from treadle.runtime.sampling import SamplingParams, probabilities
-from treadle.runtime.speculative import generate_speculative
 from treadle.runtime.stats import DecodeStats
 from treadle.train.ngram import count_next_tokens
 
@@ -45,20 +46,23 @@ def prompts_for(seed):
 
 def ar(target, prompts, params):
     reqs = [Request(p, params, frozenset()) for p in prompts]
-    cache = KVCache(target.cfg, rows=len(prompts) + 2, capacity=128)
-    for _ in generate_ar(target, cache, reqs):
+    for _ in run_requests(Worker(target, 256), reqs):
         pass
     return [r.tokens for r in reqs]
 
 
 def speculative(target, draft_src, prompts, params, gsd, check_cache=True):
     reqs = [Request(p, params, frozenset()) for p in prompts]
-    cache = KVCache(target.cfg, rows=len(prompts) + 2, capacity=128)
+    worker = Worker(target, 256)
     stats = DecodeStats("spec")
     if draft_src is not None and not isinstance(draft_src, NgramDraft):
-        draft_src = ModelDraft(draft_src, KVCache(draft_src.cfg, rows=len(prompts), capacity=128))
-    for _ in generate_speculative(target, cache, reqs, draft_src, gsd, stats):
+        draft_src = ModelDraft(Worker(draft_src, 256))
+    method = Speculative(draft="test", **asdict(gsd))
+    for _ in run_requests(worker, reqs, method, draft_src, stats):
         pass
+    if check_cache:  # every row is back in the pool once the prefix cache lets go
+        worker.prefixes.clear()
+        assert worker.cache.in_use() == 0
     return [r.tokens for r in reqs], stats
 
 
@@ -169,11 +173,14 @@ def test_ngram_table_draft_greedy_is_token_identical(target):
 
 def test_gsd_merges_and_never_makes_a_node_its_own_ancestor(target, draft):
     params = SamplingParams(max_new_tokens=1)
-    md = ModelDraft(draft, KVCache(draft.cfg, rows=1, capacity=128))
-    rows = md.begin([[1, 2, 3]])
+    md = ModelDraft(Worker(draft, 128))
+    rows = [md.worker.allocate()]
+    draft.forward(md.cache.make_step(rows, [[1, 2, 3]]), md.cache)
+    md.cache.extend(rows, [3])
     gen = [torch.Generator()]
     dags = md.draft(rows, [[4]], GSDParams(k=4, tau=0, max_depth=5, node_budget=64,
-                                           prob_threshold=0.0, sibling_threshold=0.0), params, gen)
+                                           prob_threshold=0.0, sibling_threshold=0.0), [params],
+                    gen)
     dag = dags[0]
     for i in range(len(dag.nodes)):
         assert i not in dag.ancestors(i)
@@ -212,10 +219,12 @@ def test_target_cache_holds_only_accepted_tokens(target, draft):
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     prompt = prompts_for(4)[0]
     reqs = [Request(prompt, params, frozenset())]
-    cache = KVCache(target.cfg, rows=3, capacity=128)
-    md = ModelDraft(draft, KVCache(draft.cfg, rows=1, capacity=128))
+    worker = Worker(target, 256)
+    cache = worker.cache
+    md = ModelDraft(Worker(draft, 256))
     snapshots = []
-    for _ in generate_speculative(target, cache, reqs, md, CONFIGS["gsd-tau0"]):
+    method = Speculative(draft="test", **asdict(CONFIGS["gsd-tau0"]))
+    for _ in run_requests(worker, reqs, method, md):
         row = 0
         snapshots.append((cache.lengths[row], cache.k[:, row].clone()))
     tokens = prompt + reqs[0].tokens
@@ -253,4 +262,49 @@ def test_sampling_preserves_the_target_distribution(tmp_path, name):
     keep = exact * n >= 5
     chi2 = float(((counts[keep] - n * exact[keep]) ** 2 / (n * exact[keep])).sum())
     dof = int(keep.sum()) - 1
+    assert chi2 < dof + 4 * math.sqrt(2 * dof), (chi2, dof)
+
+
+def joint_of_three(model, prompt, params):
+    """Exact P(t1, t2, t3) of AR sampling under `params` (top-k / top-p included), enumerated:
+    [V, V, V]."""
+    V = model.cfg.vocab_size
+
+    def next_probs(prefixes):
+        cache = KVCache(model.cfg, rows=len(prefixes), capacity=16)
+        step = cache.make_step(list(range(len(prefixes))), prefixes)
+        return probabilities(model.forward(step, cache), params)  # [N, V]
+
+    p1 = next_probs([prompt])[0]  # [V]
+    p2 = next_probs([prompt + [a] for a in range(V)])  # [V, V]
+    p3 = next_probs([prompt + [a, b] for a in range(V) for b in range(V)]).view(V, V, V)
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+@pytest.mark.parametrize("name,filters", [("chain", dict(top_k=6)), ("gsd-tau0", dict(top_p=0.8))])
+def test_sampled_joint_of_three_tokens_matches_ar(tmp_path, name, filters):
+    """The joint of the first three generated tokens (two of them speculated, from depth >= 2
+    trees), with top-k or top-p, against AR's exact distribution; drafts must be accepted."""
+    small = load_tiny("llama_gqa_tied", tmp_path / "t", vocab_size=16, seed=3, num_layers=2)
+    near = load_tiny("llama_gqa_tied", tmp_path / "t", vocab_size=16, seed=3, num_layers=2)
+    prompt = [3, 1, 4, 1, 5]
+    params = SamplingParams(max_new_tokens=3, temperature=1.0, ignore_eos=True, **filters)
+    exact = joint_of_three(small, prompt, params).flatten()
+    # The same weights as the target: a draft whose proposals the rule should often keep.
+    gsd = replace(CONFIGS[name], max_depth=3)
+    counts, n, accepted = torch.zeros(exact.numel()), 0, []
+    for call in range(6):
+        p = replace(params, seed=call * 500)
+        got, stats = speculative(small, near, [prompt] * 500, p, gsd)
+        accepted += stats.accepted
+        for toks in got:
+            counts[toks[0] * 256 + toks[1] * 16 + toks[2]] += 1
+            n += 1
+    assert sum(accepted) / len(accepted) > 1.0  # more than one draft token kept per round
+    big = exact * n >= 5
+    rest = ~big  # pool the rare cells, so that every cell's expected count is >= 5
+    obs = torch.cat([counts[big], counts[rest].sum()[None]])
+    exp = torch.cat([exact[big], exact[rest].sum()[None]]) * n
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    dof = int(big.sum())
     assert chi2 < dof + 4 * math.sqrt(2 * dof), (chi2, dof)
