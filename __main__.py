@@ -1,4 +1,4 @@
-"""The `treadle` command line: generate, convert, models."""
+"""The `treadle` command line: generate, convert, models, draft, train."""
 
 from __future__ import annotations
 
@@ -79,9 +79,15 @@ def _convert(args) -> int:
 
 
 def _draft(args) -> int:
-    from .loaders.draft_model import main as draft_main
+    from .train.draft import main as draft_main
 
     return draft_main(args.args)
+
+
+def _train(args) -> int:
+    from .train.draft import main as draft_main
+
+    return draft_main(args.args, prog="treadle train draft")
 
 
 def _models(args) -> int:
@@ -160,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     draft.add_argument("args", nargs=argparse.REMAINDER)
     draft.set_defaults(run=_draft)
+
+    train = sub.add_parser("train", help="train a derived artifact: `treadle train draft --help`")
+    train.add_argument("what", choices=["draft"])
+    train.add_argument("args", nargs=argparse.REMAINDER)
+    train.set_defaults(run=_train)
 
     models = sub.add_parser("models", help="prepare the default model and print its directory")
     models.set_defaults(run=_models)

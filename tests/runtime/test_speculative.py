@@ -9,7 +9,6 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 from tiny_models import load_tiny
-from treadle.loaders.draft_model import count_next_tokens
 from treadle.runtime.engine import Worker
 from treadle.runtime.gsd import (
     DAG,
@@ -25,6 +24,7 @@ from treadle.runtime.methods import Speculative, run_requests
 from treadle.runtime.request import Request
 from treadle.runtime.sampling import SamplingParams, probabilities
 from treadle.runtime.stats import DecodeStats
+from treadle.train.ngram import count_next_tokens
 
 
 @pytest.fixture(scope="module")
