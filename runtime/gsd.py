@@ -298,7 +298,7 @@ def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 
 class NgramTable:
     """The most frequent next tokens after each context of up to `order` tokens, counted over a
-    corpus (for the default model: its own answers, loaders/draft_model.py), as a second source of
+    corpus (for the default model: its own answers, written by train/ngram.py), as a second source of
     draft hypotheses beside prompt lookup: phrases the model habitually writes, such as list and
     closing formulas, that the current prompt has not shown yet."""
 
