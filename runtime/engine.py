@@ -71,10 +71,17 @@ class Worker:
                 f"a sequence needs {slots} cache slots, past max_seq_len ({self.max_capacity} "
                 "with the drafting slack): raise max_seq_len when loading the model"
             )
-        if slots > self.cache.capacity:
+        cache = self.cache
+        if slots > cache.capacity:
             cap = min(self.max_capacity, -(-slots // CAPACITY_STEP) * CAPACITY_STEP)
-            self._check_budget(self.cache.rows, cap)
-            self.cache.reserve(self.cache.rows, cap)
+            rows = cache.rows
+            if rows * cache.row_bytes(cap) > self.kv_cache_bytes:
+                # Longer rows for fewer of them: the kept prefixes go first, then the free rows
+                # past the last one in use.
+                self.prefixes.clear()
+                rows = max((r + 1 for r in range(cache.rows) if cache.refs[r]), default=0)
+            self._check_budget(rows, cap)
+            cache.resize(rows, cap)
 
     def allocate(self) -> int:
         """A free row: from the pool, else by evicting a prefix-cache entry, else by growing the

@@ -61,20 +61,33 @@ class KVCache:
     def reserve(self, rows: int, capacity: int) -> None:
         """Grow the storage to at least `rows` rows of `capacity` slots, keeping every row's
         contents and ids (a reallocation and one copy; static plans must be rebuilt after it)."""
-        rows, capacity = max(rows, self.rows), max(capacity, self.capacity)
+        self.resize(max(rows, self.rows), max(capacity, self.capacity))
+
+    def resize(self, rows: int, capacity: int) -> None:
+        """Reallocate to exactly `rows` rows of `capacity` slots, keeping the contents and ids of
+        the rows kept. Only free rows past the last allocated one may be dropped."""
         if rows == self.rows and capacity == self.capacity:
             return
+        used = [r for r in range(self.rows) if self.refs[r]]
+        if used and rows <= used[-1]:
+            raise KVCacheError(f"cannot shrink the cache to {rows} rows: row {used[-1]} is in use")
+        if capacity < max((self.lengths[r] for r in used), default=0):
+            raise KVCacheError(f"cannot shrink the cache to {capacity} slots: a row holds more")
         # One slot past the capacity is scratch: padding tokens write there, nothing reads it, so
         # a write never needs a data-dependent shape (which CUDA-graph capture forbids).
         c = self.cfg
         shape = (c.num_layers, rows, c.num_kv_heads, capacity + 1, c.head_dim)
         k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        if self.rows:
-            old_rows, old_cap = self.rows, self.capacity
-            k[:, :old_rows, :, :old_cap] = self.k[:, :, :, :old_cap]
-            v[:, :old_rows, :, :old_cap] = self.v[:, :, :, :old_cap]
+        keep_rows, keep_slots = min(rows, self.rows), min(capacity, self.capacity)
+        if keep_rows:
+            k[:, :keep_rows, :, :keep_slots] = self.k[:, :keep_rows, :, :keep_slots]
+            v[:, :keep_rows, :, :keep_slots] = self.v[:, :keep_rows, :, :keep_slots]
         self.k, self.v, self.capacity = k, v, capacity
+        if rows < self.rows:
+            for field in (self.lengths, self.lender, self.borrowers, self.refs):
+                del field[rows:]
+            self.free_rows = [r for r in self.free_rows if r < rows]
         added = range(self.rows, rows)
         self.lengths += [0 for _ in added]
         self.lender += [None for _ in added]

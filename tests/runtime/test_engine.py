@@ -207,3 +207,27 @@ def test_logit_processor_bans_and_forces(target):
         pass
     assert s1.request.tokens[0] != free[0]
     assert s2.request.tokens == [7, 7, 7]
+
+
+def test_a_long_request_trades_rows_for_capacity_within_the_budget(tmp_path):
+    # Many short requests leave many rows (kept prefixes); a long one then needs longer rows,
+    # which the budget allows only for fewer of them.
+    target = load_tiny("llama_gqa_tied", tmp_path, num_layers=3, max_positions=1024)
+    worker = Worker(target, 1024, kv_cache_mb=1.0)
+    rng = random.Random(4)
+    for _ in range(3):
+        short = [Request([rng.randrange(211) for _ in range(5)], params(4), frozenset())
+                 for _ in range(4)]
+        for _ in run_requests(worker, short):
+            pass
+    rows_before = worker.cache.rows
+    long_prompt = [rng.randrange(211) for _ in range(600)]
+    req = Request(long_prompt, params(8), frozenset())
+    for _ in run_requests(worker, [req]):
+        pass
+    assert worker.cache.capacity >= 608 and worker.cache.rows < rows_before
+    assert worker.cache.rows * worker.cache.row_bytes() <= worker.kv_cache_bytes
+    ref = Request(long_prompt, params(8), frozenset())
+    for _ in run_requests(Worker(target, 1024), [ref]):
+        pass
+    assert req.tokens == ref.tokens
