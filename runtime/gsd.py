@@ -298,8 +298,8 @@ def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 
 class NgramTable:
     """The most frequent next tokens after each context of up to `order` tokens, counted over a
-    corpus (for the default model: its own answers, written by train/ngram.py), as a second source of
-    draft hypotheses beside prompt lookup: phrases the model habitually writes, such as list and
+    corpus (for the default model: its own answers; train/ngram.py writes it), as a second source
+    of draft hypotheses beside prompt lookup: phrases the model habitually writes, such as list and
     closing formulas, that the current prompt has not shown yet."""
 
     def __init__(self, next_tokens: dict[tuple[int, ...], list[int]], order: int):
