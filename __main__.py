@@ -90,6 +90,16 @@ def _train(args) -> int:
     return draft_main(args.args, prog="treadle train draft")
 
 
+def _serve(args) -> int:
+    try:
+        from .server import main as serve_main
+    except ImportError as e:
+        raise RuntimeError(
+            f"`treadle serve` needs {e.name}: pip install 'treadle[serve]'"
+        ) from None
+    return serve_main(args)
+
+
 def _models(args) -> int:
     from .loaders.default_model import default_model_dir
 
@@ -174,6 +184,21 @@ def main(argv: list[str] | None = None) -> int:
 
     models = sub.add_parser("models", help="prepare the default model and print its directory")
     models.set_defaults(run=_models)
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    srv.add_argument("--model",
+                     help="model directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (there is no authentication: keep it local)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--name",
+                     help="the model id clients see (default: the model directory's name)")
+    srv.add_argument("--max-seq-len", type=int, default=4096)
+    srv.add_argument("--kv-cache-mb", type=float, default=2048)
+    srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    srv.add_argument("--weight-dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    srv.add_argument("--device", default="cpu")
+    srv.set_defaults(run=_serve)
 
     args = parser.parse_args(argv)
     try:

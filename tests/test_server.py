@@ -247,3 +247,21 @@ def test_models_and_health(server):
     assert httpx.get(f"{url}/health", timeout=TIMEOUT).status_code == 200
     r = httpx.get(f"{url}/v1/nothing", timeout=TIMEOUT)
     assert r.status_code == 404 and "error" in r.json()
+
+
+def test_an_engine_failure_fails_its_requests_and_serving_goes_on(server, monkeypatch):
+    url, engine = server
+    step, failed = engine.llm.step, []
+
+    def fail_once():
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("boom")
+        return step()
+
+    monkeypatch.setattr(engine.llm, "step", fail_once)
+    r = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 4, **GREEDY})
+    assert r.status_code == 500 and "RuntimeError: boom" in r.json()["error"]["message"]
+    assert not engine.llm.engine.live  # the failed stream left the engine
+    r = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 4, **GREEDY})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
