@@ -68,12 +68,16 @@ def _attention_ref_f64(q, cache, layer, step):
 
 def _attention_triton(q, cache, layer, step):
     if step.tree is not None and step.tree_bits is None:
-        # A tree over a pending window wider than the step (GSD's level-by-level draft) has no
-        # bit form in the kernel yet: those draft steps attend with the reference.
+        # No bit form: a pending window wider than the kernel's 64 bits runs the reference.
         return _attention_ref(q, cache, layer, step)
+    window = None  # the step's own n_new tokens
+    if step.slots is not None and step.tree is not None:
+        # New tokens at explicit slots inside a pending window of W slots (GSD's level-by-level
+        # draft): the bits address all W, whichever slots this step's tokens were written to.
+        window = torch.full_like(step.n_new, step.tree.shape[-1])
     return attention.tree_attention(
         q, cache.k[layer], cache.v[layer], step.rows, step.starts, step.n_new, step.tree_bits,
-        step.kv_rows, kv_len=step.kv_len,
+        step.kv_rows, kv_len=step.kv_len, window=window,
     )
 
 

@@ -33,8 +33,9 @@ class Step:
     tree: torch.Tensor | None = None
     # [B, T] the slot each new token is written to; None = starts + i (the usual layout)
     slots: torch.Tensor | None = None
-    # [B, T] int64 the same visibility as bits (bit j of row i set iff i sees j; T <= 64), the
-    # Triton kernel's form; a plain field so a static plan can point it at a buffer it refills.
+    # [B, T] int64 the same visibility as bits (bit j of row i set iff i sees pending slot
+    # starts + j; W <= 64), the Triton kernel's form; a plain field so a static plan can point it
+    # at a buffer it refills.
     tree_bits: torch.Tensor | None = None
     # [B, S] the cache row holding slot s of sequence b, where some sequence reads a prefix stored
     # in another row (prefix sharing); None when every sequence reads only its own row.

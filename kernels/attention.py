@@ -6,11 +6,13 @@ lengths, a token tree over a shared prefix): see graph/step.py, which builds it 
 
 `attention_ref` takes gathered K/V and a dense mask (the torch backend). `tree_attention` is the
 Triton kernel family that reads the cache in place. Cache k, v [R, Hkv, C, D]; sequence b owns row
-rows[b]; its committed tokens are slots s < starts[b], its n_new[b] new tokens (already written)
-are slots starts[b] + j. New token i of sequence b sees
+rows[b]; its committed tokens are slots s < starts[b], and slots starts[b] + j, j < window[b], are
+its pending window: the n_new[b] new tokens of the step (already written) and, for a step that grows
+a tree level by level (GSD's draft), nodes written by earlier steps; window defaults to n_new.
+Queries i < n_new[b] are the real ones. New token i of sequence b sees
 
-    slot s < starts[b]                 always (the prefix; read from row kv_rows[b, s] if given)
-    slot starts[b] + j, j < n_new[b]   iff bit j of tree_bits[b, i] is set (None: iff j <= i)
+    slot s < starts[b]                  always (the prefix; read from row kv_rows[b, s] if given)
+    slot starts[b] + j, j < window[b]   iff bit j of tree_bits[b, i] is set (j < 64; None: j <= i)
 
 and, in base-2 units (c = sm_scale * log2(e)), for its visible slots s = 0, 1, ...:
 
@@ -62,42 +64,46 @@ def attention_ref(
 
 # --- references -------------------------------------------------------------------------------
 def tree_bits_from_mask(tree: torch.Tensor) -> torch.Tensor:
-    """[B, T, T] or [T, T] bool visibility among new tokens (tree[..., i, j]: i sees j), T <= 64
+    """[B, T, W] or [T, W] bool visibility of the pending window (tree[..., i, j]: new token i
+    sees pending slot j; W = T for a step's own tokens, W >= T for a window), W <= 64
     -> [B, T] or [T] int64 with bit j of out[..., i] set iff i sees j."""
     width = tree.shape[-1]
-    if tree.dim() not in (2, 3) or tree.shape[-2] != width or width > 64:
-        raise ValueError(f"kernels/attention.py: tree_bits_from_mask: tree must be [T, T] or "
-                         f"[B, T, T] with T <= 64; got {tuple(tree.shape)}")
+    if tree.dim() not in (2, 3) or width > 64:
+        raise ValueError(f"kernels/attention.py: tree_bits_from_mask: tree must be [T, W] or "
+                         f"[B, T, W] with W <= 64; got {tuple(tree.shape)}")
     # 2^j for j < 63, and bit 63 as int64's sign bit; the bits are distinct, so sum == or.
     weight = torch.tensor([1 << j if j < 63 else -(1 << 63) for j in range(width)],
                           dtype=torch.long, device=tree.device)
     return (tree.bool().long() * weight).sum(-1)
 
 
-def mask_from_tree_bits(bits: torch.Tensor) -> torch.Tensor:
-    """[..., T] int64 bits -> [..., T, T] bool (the inverse of tree_bits_from_mask)."""
-    j = torch.arange(bits.shape[-1], device=bits.device)
+def mask_from_tree_bits(bits: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """[..., T] int64 bits -> [..., T, W] bool, W = window (default T; <= 64): the inverse of
+    tree_bits_from_mask."""
+    j = torch.arange(bits.shape[-1] if window is None else window, device=bits.device)
     return ((bits[..., :, None] >> j) & 1).bool()
 
 
 def _visibility(
     starts: torch.Tensor,  # [B]
     n_new: torch.Tensor,  # [B]
+    window: torch.Tensor,  # [B] pending slots (>= n_new)
     tree_bits: torch.Tensor | None,  # [B, T] or None (causal)
     width: int,  # T
     kv_len: int,  # S
 ) -> torch.Tensor:  # [B, T, S] bool
     """Which cache slots each new token sees (the rule in the module docstring)."""
-    batch, device = starts.shape[0], starts.device
+    device = starts.device
     i = torch.arange(width, device=device)
-    if tree_bits is None:
-        new_vis = (i[None, :] <= i[:, None]).expand(batch, width, width)  # [B, T, T]
-    else:
-        new_vis = mask_from_tree_bits(tree_bits)
     rel = torch.arange(kv_len, device=device)[None, :] - starts[:, None]  # [B, S] j of each slot
-    is_new = (rel >= 0) & (rel < n_new[:, None])
-    j = rel.clamp(0, width - 1)[:, None, :].expand(batch, width, kv_len)  # [B, T, S]
-    vis = (rel < 0)[:, None, :] | (is_new[:, None, :] & new_vis.gather(2, j))
+    pending = (rel >= 0) & (rel < window[:, None])  # [B, S]
+    if tree_bits is None:
+        sees = rel[:, None, :] <= i[None, :, None]  # [B, T, S]
+    else:
+        # Bit j of tree_bits[b, i]; the bits address the first 64 pending slots only.
+        j = rel.clamp(0, 63)[:, None, :]  # [B, 1, S]
+        sees = (((tree_bits[:, :, None] >> j) & 1) != 0) & (rel < 64)[:, None, :]
+    vis = (rel < 0)[:, None, :] | (pending[:, None, :] & sees)
     # A padding query (i >= n_new) sees slot 0 so that its softmax stays finite; it is unused.
     pad_q = i[None, :] >= n_new[:, None]  # [B, T]
     vis[:, :, 0] |= pad_q
@@ -114,11 +120,15 @@ def tree_attention_ref(
     tree_bits: torch.Tensor | None,  # [B, T] int64, None = causal
     kv_rows: torch.Tensor | None = None,  # [B, S] int64, None = rows[b] for every slot
     sm_scale: float | None = None,
+    *,
+    window: torch.Tensor | None = None,  # [B] int64 pending slots (>= n_new), None = n_new
 ) -> torch.Tensor:  # [B, T, H, D]
     """tree_attention in pure torch: gather each sequence's K/V, build the dense mask, and call
     attention_ref. Reads the lengths on the host (a sync); a reference, not a fast path."""
     batch, width = q.shape[:2]
-    kv_len = int((starts + n_new).max())
+    if window is None:
+        window = n_new
+    kv_len = int((starts + window).max())
     if kv_rows is None:
         k = k_cache[rows, :, :kv_len]  # [B, Hkv, S, D]
         v = v_cache[rows, :, :kv_len]
@@ -126,7 +136,7 @@ def tree_attention_ref(
         slots = torch.arange(kv_len, device=q.device)
         k = k_cache[kv_rows[:, :kv_len], :, slots].transpose(1, 2)  # [B, Hkv, S, D]
         v = v_cache[kv_rows[:, :kv_len], :, slots].transpose(1, 2)
-    mask = _visibility(starts, n_new, tree_bits, width, kv_len)[:, None]  # [B, 1, T, S]
+    mask = _visibility(starts, n_new, window, tree_bits, width, kv_len)[:, None]  # [B, 1, T, S]
     if sm_scale is not None:  # attention_ref scales by 1/sqrt(D): fold the difference into q
         q = q * (sm_scale * math.sqrt(q.shape[-1]))
     return attention_ref(q.transpose(1, 2), k, v, mask).transpose(1, 2)
@@ -151,7 +161,7 @@ def _attend_block(
     stride_kr, stride_kc,  # k_cache strides: row, slot
     stride_vr, stride_vc,  # v_cache strides: row, slot
     lo, hi,  # this loop's slot range [lo, hi), lo a multiple of BLOCK_N
-    start, n_new,  # the sequence's committed length and number of new tokens
+    start, window,  # the sequence's committed length and number of pending slots
     tok,  # [BLOCK_M] int32 new-token index of each query row
     bits_lo, bits_hi,  # [BLOCK_M] int32 visibility bits 0-31 and 32-63 (when HAS_TREE)
     qk_scale,  # sm_scale * log2(e)
@@ -167,7 +177,7 @@ def _attend_block(
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] slots
         # Unmasked steps cover whole blocks of the prefix: every slot exists and is visible.
-        in_range = offs_n < start + n_new
+        in_range = offs_n < start + window
         if HAS_KV_ROWS:
             if MASKED:
                 r = tl.load(kv_rows_b + offs_n * stride_kvs, mask=in_range, other=0)
@@ -195,11 +205,13 @@ def _attend_block(
             v = v.to(tl.float32)
         x = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
         if MASKED:
-            j = offs_n - start  # [BLOCK_N] index among the new tokens (< 0: prefix)
+            j = offs_n - start  # [BLOCK_N] index in the pending window (< 0: prefix)
             is_new = (j >= 0) & in_range
             if HAS_TREE:
                 # Bit j of 64, tested in 32-bit halves (64-bit shifts cost several instructions
-                # and twice the registers); a shift by < 0 or >= 32 is undefined: clamp.
+                # and twice the registers); a shift by < 0 or >= 32 is undefined: clamp. The bits
+                # address the first 64 pending slots only.
+                is_new = is_new & (j < 64)
                 jj = tl.where(is_new, j, 0).to(tl.int32)
                 word = tl.where((jj < 32)[None, :], bits_lo[:, None], bits_hi[:, None])
                 sees = ((word >> (jj & 31)[None, :]) & 1) != 0
@@ -226,7 +238,8 @@ def _tree_attention_kernel(
     v_ptr,  # [R, Hkv, C, D] value cache
     rows_ptr,  # [B] int64 cache row of each sequence
     starts_ptr,  # [B] int64 committed length (first new slot)
-    n_new_ptr,  # [B] int64 number of new tokens
+    n_new_ptr,  # [B] int64 number of new tokens (queries i < n_new are real)
+    window_ptr,  # [B] int64 pending slots starts + j, j < window, that the bits address
     bits_ptr,  # [B, T] int64 visibility bits (when HAS_TREE)
     kv_rows_ptr,  # [B, S] int64 cache row of each slot (when HAS_KV_ROWS)
     o_ptr,  # [B, T, H, D] output (when not PARTIAL)
@@ -262,6 +275,7 @@ def _tree_attention_kernel(
     hk = pid_bh % Hkv
     start = tl.load(starts_ptr + b)
     n_new = tl.load(n_new_ptr + b)
+    window = tl.load(window_ptr + b)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # packed rows r = t * G + g
     tok = offs_m // G
@@ -284,9 +298,9 @@ def _tree_attention_kernel(
         bits_lo = tok  # unused
         bits_hi = tok
 
-    # This program's slots: its split, cut at the sequence's end; causal rows see no further
-    # than their last token.
-    end = start + n_new
+    # This program's slots: its split, cut at the end of the pending window; causal rows see no
+    # further than their last token.
+    end = start + window
     if not HAS_TREE:
         last_tok = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1)
         end = tl.minimum(end, start + last_tok + 1)
@@ -309,14 +323,14 @@ def _tree_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _attend_block(
         acc, m_i, l_i, q, k_base, v_base, kv_rows_b,
-        stride_kvs, stride_kr, stride_kc, stride_vr, stride_vc, lo, prefix_end, start, n_new,
+        stride_kvs, stride_kr, stride_kc, stride_vr, stride_vc, lo, prefix_end, start, window,
         tok, bits_lo, bits_hi, qk_scale, offs_d, d_ok,
         MASKED=False, HAS_TREE=HAS_TREE, HAS_KV_ROWS=HAS_KV_ROWS, IN_PREC=IN_PREC,
         EMULATE_BF16=EMULATE_BF16, EVEN_D=HEAD_DIM == BLOCK_D, BLOCK_N=BLOCK_N,
     )
     acc, m_i, l_i = _attend_block(
         acc, m_i, l_i, q, k_base, v_base, kv_rows_b,
-        stride_kvs, stride_kr, stride_kc, stride_vr, stride_vc, prefix_end, hi, start, n_new,
+        stride_kvs, stride_kr, stride_kc, stride_vr, stride_vc, prefix_end, hi, start, window,
         tok, bits_lo, bits_hi, qk_scale, offs_d, d_ok,
         MASKED=True, HAS_TREE=HAS_TREE, HAS_KV_ROWS=HAS_KV_ROWS, IN_PREC=IN_PREC,
         EMULATE_BF16=EMULATE_BF16, EVEN_D=HEAD_DIM == BLOCK_D, BLOCK_N=BLOCK_N,
@@ -469,17 +483,19 @@ def tree_attention(
     starts: torch.Tensor,  # [B] int64
     n_new: torch.Tensor,  # [B] int64, 1 <= n_new <= T
     tree_bits: torch.Tensor | None,  # [B, T] int64 (T <= 64), None = causal
-    kv_rows: torch.Tensor | None = None,  # [B, S] int64, S >= max(starts + n_new)
+    kv_rows: torch.Tensor | None = None,  # [B, S] int64, S >= max(starts + window)
     sm_scale: float | None = None,  # default 1/sqrt(D)
     *,
-    kv_len: int | None = None,  # sizes the split-K grid: ~max(starts + n_new); default S or C
+    window: torch.Tensor | None = None,  # [B] int64 pending slots, >= n_new; None = n_new
+    kv_len: int | None = None,  # sizes the split-K grid: ~max(starts + window); default S or C
     split_len: int | None = None,  # force the split-K split size (slots)
     block_n: int | None = None,  # force the slots per inner step
 ) -> torch.Tensor:  # [B, T, H, D] in q's dtype; rows i >= n_new[b] are unspecified (finite)
     """Attention of each sequence's new tokens over its cache slots, read in place (see the
     module docstring). The launch depends on shapes only, so it can be captured in a CUDA graph:
     kv_len (e.g. the plan's Step.kv_len) only sizes the split-K grid; without it the grid covers
-    kv_rows' S slots, or the capacity C."""
+    kv_rows' S slots, or the capacity C. window's values are not checked (that would sync):
+    pending slots past the 64th are never visible, and a window past the cache reads past it."""
     if triton is None:
         raise RuntimeError("kernels/attention.py: tree_attention needs the `triton` package (not "
                            "installed); use tree_attention_ref on this machine")
@@ -503,7 +519,9 @@ def tree_attention(
     R, Hkv, C, _ = k_cache.shape
     if H % Hkv:
         _fail(f"q's {H} heads must be a multiple of the cache's {Hkv} kv heads")
-    for name, t in (("rows", rows), ("starts", starts), ("n_new", n_new)):
+    if window is None:
+        window = n_new
+    for name, t in (("rows", rows), ("starts", starts), ("n_new", n_new), ("window", window)):
         _check_index(name, t, (B,), q.device)
     if tree_bits is not None:
         if T > 64:
@@ -519,6 +537,7 @@ def tree_attention(
     cfg = attention_config(B, T, H, Hkv, D, kv_len, q.device, split_len, block_n,
                            q.element_size())
     rows, starts, n_new = rows.contiguous(), starts.contiguous(), n_new.contiguous()
+    window = window.contiguous()
     bits = tree_bits if tree_bits is not None else rows  # a placeholder pointer when unused
     kvr = kv_rows if kv_rows is not None else rows.view(B, 1)
     if sm_scale is None:
@@ -541,7 +560,7 @@ def tree_attention(
         pm = pl = pa = out  # unused
     n_tiles = triton.cdiv(G * T, cfg.block_m)
     _tree_attention_kernel[(n_tiles, B * Hkv, cfg.n_splits)](
-        q, k_cache, v_cache, rows, starts, n_new, bits, kvr, out, pm, pl, pa,
+        q, k_cache, v_cache, rows, starts, n_new, window, bits, kvr, out, pm, pl, pa,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

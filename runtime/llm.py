@@ -351,9 +351,8 @@ def fallbacks(llm: LLM) -> list[str]:
         out.append("every op runs its pure-torch reference (the CPU backend; kernels are for "
                    "CUDA)")
     else:
-        out.append("attention of GSD's level-by-level draft steps (a tree over a pending window "
-                   "wider than the step) runs the reference: the Triton kernel takes a step's own "
-                   "tree only")
+        out.append("attention of a draft step over a pending window of more than 64 slots (a GSD "
+                   "tree past the kernel's 64 visibility bits) runs the reference")
         out.append("accept: the lossless sampled rule runs its reference per sequence (the "
                    "Triton verify_sample kernel draws from Philox, not the per-stream generator)")
     if not ex.static:

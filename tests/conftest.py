@@ -7,8 +7,19 @@ import os
 import torch
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted, and importing
-# treadle.graph imports the kernels: without a GPU, interpret every kernel, set before any import.
-if not torch.cuda.is_available():
+# treadle.graph imports the kernels: set the mode before any import. TREADLE_TEST_DEVICE=cuda
+# (perf/gpu_check.sh) runs the kernel, Triton-backend and executor tests compiled on the GPU;
+# otherwise, without a GPU, every kernel is interpreted on the CPU.
+TEST_DEVICE = os.environ.get("TREADLE_TEST_DEVICE", "cpu")
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise RuntimeError(f"tests/conftest.py: TREADLE_TEST_DEVICE must be cpu or cuda; "
+                       f"got {TEST_DEVICE!r}")
+if TEST_DEVICE == "cuda":
+    if not torch.cuda.is_available():
+        raise RuntimeError("tests/conftest.py: TREADLE_TEST_DEVICE=cuda but torch sees no CUDA "
+                           f"device (torch {torch.__version__})")
+    os.environ["TRITON_INTERPRET"] = "0"  # the kernel tests' setdefault("1") then keeps it
+elif not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # The test models are tiny: a second torch thread only adds OpenMP hand-offs, which on a busy
 # 2-core machine cost milliseconds per op.
@@ -25,3 +36,10 @@ def tiny_model(request, tmp_path_factory):
     model = make_hf_model(name)
     path = save_hf_model(model, tmp_path_factory.mktemp(name))
     return name, model, path
+
+
+@pytest.fixture(scope="session")
+def torch_device() -> str:
+    """Where the Triton-backend tests put models and caches: "cuda" under TREADLE_TEST_DEVICE=cuda,
+    else "cpu" (the interpreter)."""
+    return TEST_DEVICE

@@ -470,3 +470,48 @@ def test_bad_inputs_name_the_field():
     with pytest.raises(ValueError, match="T must be <= 64"):
         tree_attention(torch.zeros(1, 65, 2, 16, device=DEVICE), k, v, rows, starts, n_new,
                        torch.zeros(1, 65, dtype=torch.long, device=DEVICE))
+
+
+# --- GPU compile ------------------------------------------------------------------------------
+COMPILE_FOR_SM90 = """
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from treadle.kernels import attention as A
+
+ints = ("stride_qb stride_qt stride_qh stride_kr stride_kh stride_kc stride_vr stride_vh stride_vc "
+        "stride_bb stride_bt stride_kvb stride_kvs stride_ob stride_ot stride_oh T Hkv n_splits "
+        "split_len").split()
+# (dtype, IN_PREC, BLOCK_M, BLOCK_N, HAS_TREE, HAS_KV_ROWS, PARTIAL): the launcher's bf16 tree
+# tile with every option on, and its fp32 causal decode tile.
+for dt, prec, bm, bn, tree, kv_rows, partial in [("bf16", "tf32", 64, 64, True, True, True),
+                                                 ("fp32", "ieee", 16, 32, False, False, False)]:
+    sig = {n: f"*{dt}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
+    sig |= {n: "*i64" for n in ("rows_ptr", "starts_ptr", "n_new_ptr", "window_ptr", "bits_ptr",
+                                "kv_rows_ptr")}
+    sig |= {n: "*fp32" for n in ("pm_ptr", "pl_ptr", "pa_ptr")}
+    sig |= {n: "i32" for n in ints} | {"qk_scale": "fp32"}
+    consts = dict(G=4, HEAD_DIM=128, HAS_TREE=tree, HAS_KV_ROWS=kv_rows, PARTIAL=partial,
+                  IN_PREC=prec, EMULATE_BF16=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128)
+    sig |= {k: "constexpr" for k in consts}
+    src = triton.compiler.ASTSource(fn=A._tree_attention_kernel, signature=sig, constexprs=consts)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+"""
+
+
+def test_kernel_compiles_for_a_gpu():
+    """The interpreter accepts more than the compiler: build the attention kernel (tree bits over a
+    pending window, prefix sharing, split-K; and the fp32 causal tile) to sm_90 machine code
+    (Triton's bundled ptxas; no GPU needed) in a process without TRITON_INTERPRET."""
+    import subprocess
+    import sys
+
+    if A.triton is None:
+        pytest.skip("needs the triton package")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-P", "-c", COMPILE_FOR_SM90], env=env,
+                         capture_output=True, text=True, timeout=600)
+    if res.returncode and "ptxas" in res.stderr and "not found" in res.stderr.lower():
+        pytest.skip("Triton's CUDA backend (ptxas) is not available here")
+    assert res.returncode == 0, res.stderr[-3000:]

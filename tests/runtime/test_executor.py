@@ -52,12 +52,15 @@ def run_script(model, static: bool, device="cpu", cuda_graphs=None):
 
 
 @pytest.mark.parametrize("backend", list(Backend))
-def test_static_plans_equal_eager_steps(weights, backend):
+def test_static_plans_equal_eager_steps(weights, backend, torch_device):
+    cfg, w = weights
+    device = "cpu"
     if backend is Backend.TRITON:
         pytest.importorskip("triton")
-    cfg, w = weights
+        device = torch_device  # interpreted on the CPU; compiled under TREADLE_TEST_DEVICE=cuda
     eager = run_script(Transformer(cfg, w, 64, backend=Backend.TORCH), static=False)
-    static = run_script(Transformer(cfg, w, 64, backend=backend), static=True)
+    model = Transformer(cfg, w if device == "cpu" else _on_cuda(w), 64, backend=backend)
+    static = run_script(model, static=True, device=device, cuda_graphs=False)
     for a, b in zip(static, eager):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
 
@@ -67,15 +70,18 @@ def test_static_plans_equal_eager_steps(weights, backend):
 def test_cuda_graph_replay_equals_eager(weights):
     cfg, w = weights
     eager = run_script(Transformer(cfg, w, 64, backend=Backend.TORCH), static=False)
-    gpu_w = ModelWeights(
+    model = Transformer(cfg, _on_cuda(w), 64, backend=Backend.TRITON)
+    graphs = run_script(model, static=True, device="cuda", cuda_graphs=True)
+    for a, b in zip(graphs, eager):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def _on_cuda(w: ModelWeights) -> ModelWeights:
+    return ModelWeights(
         embed=w.embed.cuda(),
         layers=[type(lw)(**{k: _cuda(v) for k, v in lw.__dict__.items()}) for lw in w.layers],
         norm=w.norm.cuda(), lm_head=_cuda(w.lm_head),
     )
-    model = Transformer(cfg, gpu_w, 64, backend=Backend.TRITON)
-    graphs = run_script(model, static=True, device="cuda", cuda_graphs=True)
-    for a, b in zip(graphs, eager):
-        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
 
 
 def _cuda(v):
