@@ -26,13 +26,19 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 class StepKind(str, Enum):
     DECODE = "decode"  # one new token per sequence -> next-token logits
     VERIFY = "verify"  # a token tree per sequence -> logits at every node
+    # a level of a draft tree: new nodes at given slots of a pending window of earlier nodes
+    # (GSD's draft model) -> logits at every new node
+    DRAFT = "draft"
 
 
 # The ordered ops of each step kind (what the executor runs, and captures as one graph).
 STEP_OPS = {
     StepKind.DECODE: ("embed", "layers", "final_norm", "lm_head"),
     StepKind.VERIFY: ("embed", "layers (tree attention)", "final_norm", "lm_head"),
+    StepKind.DRAFT: ("embed", "layers (tree attention over the pending window)", "final_norm",
+                     "lm_head"),
 }
+DRAFT_WINDOW = 64  # pending slots a draft plan's tree may see: the largest node budget
 
 
 def batch_bucket(batch: int) -> int:
@@ -64,6 +70,8 @@ class StepPlan:
         n_new: list[int] | None = None,  # valid nodes per sequence (verify; default: width)
         kv_rows: torch.Tensor | None = None,  # [b, S] row of each slot read (prefix sharing)
         scratch_row: int = 0,
+        positions: torch.Tensor | None = None,  # [b, width] (draft)
+        slots: torch.Tensor | None = None,  # [b, width] where the new nodes go (draft)
     ) -> None:
         """Copy one step's inputs into the buffers; padding sequences point at `scratch_row`."""
         b = len(rows)
@@ -87,6 +95,19 @@ class StepPlan:
             return
         from ..kernels.attention import tree_bits_from_mask
 
+        window = s.tree.shape[-1]
+        if self.kind is StepKind.DRAFT:  # padding sequences: one node at slot 0 of the scratch row
+            s.n_new[b:] = 1
+            full = torch.zeros(self.batch, self.width, window, dtype=torch.bool, device=dev)
+            full[:, :, 0] = True
+            full[:b, :, : tree.shape[-1]] = tree.to(dev)
+            s.slots.zero_()
+            s.slots[:b] = slots.to(dev)
+            s.tree.copy_(full)
+            s.tree_bits.copy_(tree_bits_from_mask(full))
+            s.positions.zero_()
+            s.positions[:b] = positions.to(dev)
+            return
         full = torch.eye(self.width, dtype=torch.bool, device=dev).expand(self.batch, -1, -1)
         full = full.clone()
         full[:b] = tree.to(dev)
@@ -108,16 +129,20 @@ def build_step_plan(
     """Preallocate every buffer of a fixed-shape step."""
     if kind is StepKind.DECODE and width != 1:
         raise ValueError("a decode step has width 1")
-    if kind is StepKind.VERIFY and not 1 <= width <= 64:
-        raise ValueError(f"a verify tree envelope must hold 1..64 nodes, got {width}")
+    if kind is not StepKind.DECODE and not 1 <= width <= 64:
+        raise ValueError(f"a {kind.value} tree envelope must hold 1..64 nodes, got {width}")
 
     def buf(*shape, dtype=torch.long):
         return torch.zeros(shape, dtype=dtype, device=device)
 
-    tree = tree_bits = None
+    tree = tree_bits = slots = None
     if kind is StepKind.VERIFY:
         tree = buf(batch, width, width, dtype=torch.bool)
         tree_bits = buf(batch, width)
+    if kind is StepKind.DRAFT:
+        tree = buf(batch, width, DRAFT_WINDOW, dtype=torch.bool)
+        tree_bits = buf(batch, width)
+        slots = buf(batch, width)
     step = Step(
         tokens=buf(batch, width),
         positions=buf(batch, width),
@@ -127,6 +152,7 @@ def build_step_plan(
         kv_len=capacity,
         tree=tree,
         tree_bits=tree_bits,
+        slots=slots,
         # Every slot's row, so that sequences reading a shared prefix from another row replay the
         # same plan as those that do not.
         kv_rows=buf(batch, capacity),

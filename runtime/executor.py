@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..graph.model import Transformer
-from ..graph.plan import StepKind, StepPlan, batch_bucket, build_step_plan
+from ..graph.plan import DRAFT_WINDOW, StepKind, StepPlan, batch_bucket, build_step_plan
 from .kv_cache import KVCache, KVCacheError
 
 
@@ -87,6 +87,36 @@ class Executor:
                   scratch_row=self.scratch_row)
         self._run(plan)
         return plan.logits[: len(rows)]
+
+    def draft(
+        self,
+        rows: Sequence[int],
+        tokens: Sequence[Sequence[int]],  # per sequence: the new draft nodes' tokens
+        tree: torch.Tensor,  # [B, T, W] bool: node i sees pending slot starts + j (W <= 64)
+        positions: torch.Tensor,  # [B, T] int64
+        slots: torch.Tensor,  # [B, T] int64: where each new node's K/V goes
+    ) -> torch.Tensor:  # [B, T, V] logits at every new node
+        """One level of a draft tree (GSD's draft model): new nodes at given slots of a pending
+        window of nodes written by earlier levels."""
+        if not self.static:
+            step = self.cache.make_step(rows, tokens, tree=tree, logits="all",
+                                        positions=positions, slots=slots)
+            return self.model.forward(step, self.cache)
+        width = max(len(t) for t in tokens)
+        plan = self._plan(StepKind.DRAFT, len(rows), batch_bucket(width))
+        padded = torch.zeros(len(rows), plan.width, dtype=torch.long)
+        for b, t in enumerate(tokens):
+            padded[b, : len(t)] = torch.as_tensor(t)
+        grow = (0, plan.width - tree.shape[1])
+        plan.load(list(rows), self._starts(rows, DRAFT_WINDOW), padded,
+                  tree=torch.nn.functional.pad(tree, (0, 0) + grow),
+                  n_new=[len(t) for t in tokens],
+                  kv_rows=self.cache.shared_rows(rows, self.cache.capacity),
+                  scratch_row=self.scratch_row,
+                  positions=torch.nn.functional.pad(positions, grow),
+                  slots=torch.nn.functional.pad(slots, grow))
+        self._run(plan)
+        return plan.logits[: len(rows), :width]
 
     # --- plans ------------------------------------------------------------------------------
     def _starts(self, rows: Sequence[int], width: int) -> list[int]:

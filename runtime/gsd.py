@@ -204,7 +204,7 @@ class ModelDraft:
     ) -> list[DAG]:
         cache, model = self.cache, self.model
         # Level 0: catch up on the pending tokens; the root's logits seed the DAG.
-        logits = self._fit(model.forward(cache.make_step(rows, pending), cache))  # [B, V]
+        logits = self._fit(self.worker.executor.prefill(rows, pending))  # [B, V]
         cache.extend(rows, [len(t) - 1 for t in pending])  # the root stays pending (node 0)
         dags = [DAG([Node(t[-1], -1, 0, 1.0, True, in_edges=[], computed=True)]) for t in pending]
         depths = [p.max_depth if q.greedy else sampling_depth(p) for q in params]
@@ -270,9 +270,7 @@ class ModelDraft:
                     tree[b, j, chain] = True
                     chain = dags[b].nodes[chain].parent
             tree[b, len(f):, 0] = True  # padding queries see the root (their output is unused)
-        step = self.cache.make_step(rows, tokens, tree=tree, logits="all", positions=positions,
-                                    slots=slots)
-        return self._fit(self.model.forward(step, self.cache))
+        return self._fit(self.worker.executor.draft(rows, tokens, tree, positions, slots))
 
     def accepted(self, rows: Sequence[int], dags: Sequence[DAG], trees: Sequence[Tree],
                  paths: Sequence[list[int]]) -> None:

@@ -357,7 +357,8 @@ def fallbacks(llm: LLM) -> list[str]:
                    "Triton verify_sample kernel draws from Philox, not the per-stream generator)")
     if not ex.static:
         out.append("decode/verify steps run eagerly (static plans pay off only on CUDA)")
-    out.append("prefill and draft-model steps run eagerly (their shapes vary per step)")
+    out.append("prefill steps (prompts, a fork's first tokens, a draft's catch-up) run eagerly: "
+               "their shapes vary too much for a plan per shape")
     out.append("self-speculation's draft and verify steps run eagerly (partial layer lists "
                "continuing from a saved residual stream have no plan kind yet)")
     return out

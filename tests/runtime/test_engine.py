@@ -231,3 +231,28 @@ def test_a_long_request_trades_rows_for_capacity_within_the_budget(tmp_path):
     for _ in run_requests(Worker(target, 1024), [ref]):
         pass
     assert req.tokens == ref.tokens
+
+
+@pytest.mark.parametrize("name", ["sd", "gsd"])
+def test_static_plans_for_every_step_kind_equal_eager_steps(target, draft, name):
+    """Decode, verify and draft steps replayed from static plans (prefix-shared rows included)
+    give the tokens eager steps give."""
+    method = methods(draft)[name][0]
+    rng = random.Random(11)
+    system = [rng.randrange(211) for _ in range(9)]
+    prompts = [system + [rng.randrange(211) for _ in range(n)] for n in (2, 5, 3)]
+
+    def run(static):
+        reqs = [Request(p, params(14), frozenset()) for p in prompts]
+        worker = Worker(target, 256, static=static)
+        src = ModelDraft(Worker(draft, 256, static=static))
+        for _ in run_requests(worker, reqs, method, src):
+            pass
+        kinds = {key[0].value for key in worker.executor.plans} | {
+            key[0].value for key in src.worker.executor.plans}
+        return [r.tokens for r in reqs], kinds
+
+    eager, _ = run(False)
+    static, kinds = run(True)
+    assert static == eager
+    assert kinds == {"verify", "draft"}
