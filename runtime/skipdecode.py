@@ -16,8 +16,12 @@ A round of k drafts costs k skip-layer steps plus a (k + 1)-token verify step, a
 enough drafts are accepted: on the untrained default model the skip-layer draft agrees with the
 full model on few tokens, so a round emits ~1.5 tokens for the cost of ~3 full steps. With
 `adaptive` on, the policy measures both (tokens per second of its draft rounds and of plain
-full-model steps, as moving averages) and runs the faster; it re-measures drafting every
-`probe_every` plain steps. The stats count the plain steps it chose (`plain_steps`).
+full-model steps, as moving averages) and runs the faster. While plain steps win it re-measures
+drafting after `probe_every` plain steps, and doubles that interval (up to `max_probe_every`)
+each time the probe loses again: a losing probe round costs about four plain steps (k=4 on the
+default model), so a fixed interval of 16 made the adaptive mode ~18% slower than AR (0.82x in
+perf/results/bench_engine-vm.json before this), while the doubling bounds the loss to a few
+probes per thousand steps. The stats count the plain steps it chose (`plain_steps`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class SelfSpecPolicy:
         k: int,
         adaptive: bool = True,
         probe_every: int = 16,
+        max_probe_every: int = 1024,
     ):
         if k < 1:
             raise ValueError(f"self-speculative draft length k={k}: expected >= 1")
@@ -54,6 +59,8 @@ class SelfSpecPolicy:
         self.rest = list(range(w, L))  # what verification runs on top of the shared warm-up
         self.plain = DecodePolicy(executor, L)
         self.adaptive, self.probe_every = adaptive, probe_every
+        self.max_probe_every = max_probe_every
+        self.probe_interval = probe_every  # plain steps before the next probe (doubles on loss)
         self.rate = {"draft": None, "plain": None}  # tokens per stream per second (EMA)
         self.plain_run = 0  # plain steps since the last draft round
 
@@ -63,7 +70,7 @@ class SelfSpecPolicy:
         for kind in ("draft", "plain"):  # measure each once first
             if self.rate[kind] is None:
                 return kind
-        if self.rate["draft"] >= self.rate["plain"] or self.plain_run >= self.probe_every:
+        if self.rate["draft"] >= self.rate["plain"] or self.plain_run >= self.probe_interval:
             return "draft"
         return "plain"
 
@@ -82,10 +89,16 @@ class SelfSpecPolicy:
             for st in {id(s.stats): s.stats for s in streams}.values():
                 st.plain_steps += 1
         else:
+            probing = self.plain_run > 0  # a draft round that interrupts a run of plain steps
             self.draft_round(engine, streams)
             self.plain_run = 0
         emitted = sum(len(s.request.tokens) for s in streams) - before
         self._measure(kind, emitted / len(streams), time.perf_counter() - t0)
+        if kind == "draft" and self.adaptive and self.rate["plain"] is not None:
+            if self.rate["draft"] >= self.rate["plain"]:
+                self.probe_interval = self.probe_every  # drafting pays again: watch it closely
+            elif probing:
+                self.probe_interval = min(2 * self.probe_interval, self.max_probe_every)
 
     def draft_round(self, engine: Engine, streams: list[Stream]) -> None:
         model, cache, k = self.model, self.executor.cache, self.k

@@ -139,6 +139,46 @@ def test_adaptive_selfspec_is_lossless_and_counts_its_plain_steps(model):
     assert stats.steps == len(stats.accepted) // len(prompts) + stats.plain_steps
 
 
+def test_adaptive_selfspec_probes_less_often_while_drafting_loses(model, monkeypatch):
+    """A probe that loses doubles the plain run before the next one (up to the cap); a probe that
+    wins brings the interval back. Timings are scripted: a draft round emits 1 token in 4 time
+    units (a losing round), a plain step 1 token in 1 unit."""
+    from treadle.runtime import skipdecode
+
+    clock = [0.0]
+    monkeypatch.setattr(skipdecode.time, "perf_counter", lambda: clock[0])
+    policy = skipdecode.SelfSpecPolicy(Worker(model, 96).executor, [0, 7], k=3, probe_every=4,
+                                       max_probe_every=16)
+    kinds: list[str] = []
+    cost = {"draft": 4.0, "plain": 1.0}
+
+    class FakeRequest:
+        tokens: list[int] = []
+
+    class FakeStream:
+        request = FakeRequest()
+        stats = DecodeStats("selfspec")
+
+    def fake(kind):
+        def run(*args):
+            kinds.append(kind)
+            FakeStream.request.tokens.append(0)
+            clock[0] += cost[kind]
+        return run
+
+    monkeypatch.setattr(policy, "draft_round", fake("draft"))
+    monkeypatch.setattr(policy.plain, "step", fake("plain"))
+    for _ in range(60):
+        policy.round(None, [FakeStream()])
+    runs = "".join("d" if k == "draft" else "." for k in kinds)
+    # measure both, then probes after 4, 8, 16, 16, ... plain steps
+    assert runs.startswith("d" + "." * 4 + "d" + "." * 8 + "d" + "." * 16 + "d" + "." * 16 + "d")
+    cost["draft"] = 0.5  # drafting now pays: within two probes (moving averages) it takes over
+    for _ in range(80):
+        policy.round(None, [FakeStream()])
+    assert kinds[-3:] == ["draft"] * 3 and policy.probe_interval == 4
+
+
 def test_selfspec_method_draft_layers():
     assert SelfSpec(draft_speedup=2.0, warmup_layers=2).draft_layers(30) == [0, 1] + list(
         range(17, 30))
