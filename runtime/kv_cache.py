@@ -272,10 +272,11 @@ class KVCache:
         kv_rows = torch.empty(len(rows), kv_len, dtype=torch.long)
         for b, row in enumerate(rows):
             kv_rows[b] = row
-            r = row
-            while self.lender[r] is not None:  # a fork of a fork reads through both lenders
-                r, n = self.lender[r]
-                kv_rows[b, :n] = r
+            r, reach = row, kv_len
+            while self.lender[r] is not None:  # a fork of a fork reads through both lenders,
+                r, n = self.lender[r]  # each only below what the row before it borrows
+                reach = min(reach, n)
+                kv_rows[b, :reach] = r
         return kv_rows
 
     # --- the forward's interface (graph/model.py KVStore) -----------------------------------

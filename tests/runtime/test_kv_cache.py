@@ -87,6 +87,33 @@ def test_fork_reads_prefix_in_place_and_forks_of_forks(model):
     assert cache.in_use() == 0 and sorted(cache.free_rows) == [0, 1, 2, 3]
 
 
+def test_fork_of_a_fork_that_borrows_less_than_its_lender(model):
+    # b borrows a's first 6 slots and c only b's first 4: c's slots 4.. are its own, not a's.
+    cfg = model.cfg
+    cache = KVCache(cfg, rows=3, capacity=64)
+    rng = random.Random(3)
+    prompt = [rng.randrange(211) for _ in range(9)]
+    a = cache.allocate()
+    model.forward(cache.make_step([a], [prompt]), cache)
+    cache.extend([a], [9])
+    b = cache.fork(a, 6)
+    model.forward(cache.make_step([b], [[7, 8]]), cache)
+    cache.extend([b], [2])
+    c = cache.fork(b, 4)
+    tail = [5, 6, 7, 8]
+    step = cache.make_step([c], [tail])
+    got = model.forward(step, cache)
+    assert step.kv_rows[0, :8].tolist() == [a] * 4 + [c] * 4
+    ref_cache = KVCache(cfg, rows=1, capacity=64)
+    ref = model.forward(ref_cache.make_step([0], [prompt[:4] + tail]), ref_cache)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    cache.extend([c], [4])
+    ref_cache.extend([0], [8])
+    got = model.forward(cache.make_step([c], [[9]]), cache)  # a decode step reads them too
+    ref = model.forward(ref_cache.make_step([0], [[9]]), ref_cache)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
 def random_parents(rng, n):
     return [rng.randrange(-1, i) if i else -1 for i in range(n)]
 
