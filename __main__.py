@@ -6,6 +6,11 @@ import argparse
 import sys
 
 DEFAULT_PROMPT = "What is the capital of France, and why is it famous?"
+WEIGHTS = ["native", "float32", "bfloat16", "float16", "int8", "int4"]
+WEIGHTS_HELP = ("the format the weight matrices are stored and multiplied in: a float dtype, int8 "
+                "(per output channel) or int4 (groups of 32), quantized on load, or native: what "
+                "the file holds, e.g. a GGUF's int4/int8 matrices (default: --weight-dtype, else "
+                "--dtype)")
 
 
 def _generate(args) -> int:
@@ -23,7 +28,7 @@ def _generate(args) -> int:
     )
     method = _method(args)
     llm = load(args.model, dtype=args.dtype, device=args.device, weight_dtype=args.weight_dtype,
-               kv_cache_mb=args.kv_cache_mb)
+               kv_cache_mb=args.kv_cache_mb, weights=args.weights)
     chat = not args.raw and llm.tokenizer.chat_template is not None
     if getattr(method, "draft", None) == "auto" or getattr(getattr(method, "base", None), "draft",
                                                            None) == "auto":
@@ -47,6 +52,8 @@ def _generate(args) -> int:
     )
     if not isinstance(method, AR):
         print(f"[{done.stats.summary()}]")
+    if args.method in ("sgd", "sot"):  # waves, points, routing, fallbacks
+        print(f"[{done.report.describe()}]")
     return 0
 
 
@@ -54,6 +61,18 @@ def _method(args, name: str | None = None):
     from .runtime.methods import APAR, AR, SelfSpec, SkipDecode, Speculative
 
     name = name or args.method
+    if name in ("sgd", "sot"):
+        from .runtime.skeleton import SGD, SoT
+
+        node = None if args.node_method == "ar" else _method(args, args.node_method)
+        if name == "sot":
+            return SoT(node_method=node, router=args.router)
+        small = None if args.small in (None, "none") else args.small
+        return SGD(node_method=node, router=args.router, small=small, threshold=args.threshold)
+    if name == "llm2slm":
+        from .runtime.llm2slm import LLM2SLM
+
+        return LLM2SLM(projector=args.projector, small=args.small)
     if name == "apar":
         base = None if args.apar_base == "ar" else _method(args, args.apar_base)
         return APAR(base=base, fork_id=args.fork_id, child_id=args.child_id)
@@ -85,6 +104,18 @@ def _draft(args) -> int:
 
 
 def _train(args) -> int:
+    if args.what == "llm2slm":
+        from .train.llm2slm import main as llm2slm_main
+
+        return llm2slm_main(args.args, prog="treadle train llm2slm")
+    if args.what == "skipdecode":
+        from .train.skipdecode import main as skipdecode_main
+
+        return skipdecode_main(args.args, prog="treadle train skipdecode")
+    if args.what == "apar":
+        from .train.apar import main as apar_main
+
+        return apar_main(args.args, prog="treadle train apar")
     from .train.draft import main as draft_main
 
     return draft_main(args.args, prog="treadle train draft")
@@ -135,7 +166,21 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--method", default="ar",
-                     choices=["ar", "sd", "gsd", "skipdecode", "selfspec", "apar"])
+                     choices=["ar", "sd", "gsd", "skipdecode", "selfspec", "apar", "llm2slm",
+                              "sgd", "sot"])
+    gen.add_argument("--projector", default="default",
+                     help="llm2slm: 'default' / 'tuned' (the default model's projector, "
+                     "`treadle train llm2slm [--tune-small]`) or a projector dir")
+    gen.add_argument("--small", default=None,
+                     help="llm2slm: the small model dir (default: the projector's own); sgd: "
+                     "the model for easy points ('default': the derived draft; none: all large)")
+    gen.add_argument("--node-method", default="ar",
+                     choices=["ar", "sd", "gsd", "skipdecode", "selfspec"],
+                     help="sgd/sot: how each point decodes on the large model")
+    gen.add_argument("--router", action="store_true",
+                     help="sgd/sot: ask the model first whether the question suits a skeleton")
+    gen.add_argument("--threshold", type=int, default=2,
+                     help="sgd: points of difficulty (1-5) at or under this go to --small")
     gen.add_argument("--apar-base", default="ar", choices=["ar", "sd", "gsd"],
                      help="apar: how each stream decodes (sd/gsd use --draft)")
     gen.add_argument("--fork-id", type=int, help="apar: the [Fork] token id (default: by name)")
@@ -148,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--depth", type=int, default=4, help="sd/gsd: draft steps per round")
     gen.add_argument("--tau", type=int, default=0, help="gsd: merge depth (-1: no merging)")
     gen.add_argument("--budget", type=int, default=16, help="gsd: tree nodes verified per step")
-    gen.add_argument("--skip-speedup", type=float, default=2.0,
-                     help="skipdecode: total layers / mean layers per token; selfspec: the draft's")
+    gen.add_argument("--skip-speedup", type=float, default=None,
+                     help="skipdecode: total layers / mean layers per token; selfspec: the draft's "
+                     "(default: the schedule the model was tuned for, else 2)")
     gen.add_argument("--warmup-layers", type=int, default=2,
                      help="skipdecode/selfspec: lower layers every token runs")
     gen.add_argument("-k", "--k", type=int, default=0,
@@ -162,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         help="store/multiply the weight matrices in this dtype (default: --dtype); bfloat16 "
         "under float32 activations makes speculative verification cheap on AVX-512 BF16 CPUs",
     )
+    gen.add_argument("--weights", default=None, choices=WEIGHTS, help=WEIGHTS_HELP)
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(run=_generate)
 
@@ -178,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     draft.set_defaults(run=_draft)
 
     train = sub.add_parser("train", help="train a derived artifact: `treadle train draft --help`")
-    train.add_argument("what", choices=["draft"])
+    train.add_argument("what", choices=["draft", "skipdecode", "llm2slm", "apar"])
     train.add_argument("args", nargs=argparse.REMAINDER)
     train.set_defaults(run=_train)
 
@@ -197,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--kv-cache-mb", type=float, default=2048)
     srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     srv.add_argument("--weight-dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    srv.add_argument("--weights", default=None, choices=WEIGHTS, help=WEIGHTS_HELP)
     srv.add_argument("--device", default="cpu")
     srv.set_defaults(run=_serve)
 

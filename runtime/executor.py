@@ -41,10 +41,27 @@ class Executor:
             self.scratch_row = None
 
     # --- steps ------------------------------------------------------------------------------
-    def prefill(self, rows: Sequence[int], tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+    def prefill(
+        self,
+        rows: Sequence[int],
+        tokens: Sequence[Sequence[int]],
+        embeds: Sequence[torch.Tensor | None] | None = None,  # per sequence [<= n_new, d] or None
+    ) -> torch.Tensor:
         """Ragged runs of new tokens (prompts, a fork's first tokens) -> logits [B, V] at each
-        sequence's last one. Always eager: prompt shapes vary too much to keep a plan per shape."""
-        return self.model.forward(self.cache.make_step(rows, tokens), self.cache)
+        sequence's last one. Always eager: prompt shapes vary too much to keep a plan per shape.
+        `embeds[b]`, if given, is added to the embeddings of sequence b's first new tokens (LLM-to-
+        SLM's projected prompt states); the tokens it does not cover get nothing added."""
+        step = self.cache.make_step(rows, tokens)
+        extra = None
+        if embeds is not None and any(e is not None for e in embeds):
+            m = self.model
+            extra = torch.zeros(step.batch, step.width, m.cfg.hidden_size, dtype=m.dtype,
+                                device=m.device)  # [B, T, d]
+            for b, e in enumerate(embeds):
+                if e is not None:
+                    n = min(len(e), len(tokens[b]))
+                    extra[b, :n] = e[:n]
+        return self.model.forward(step, self.cache, input_embeds=extra)
 
     def decode(
         self,

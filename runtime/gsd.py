@@ -202,7 +202,7 @@ class ModelDraft:
         params: Sequence[SamplingParams],  # per sequence
         generators: Sequence[torch.Generator | None],
     ) -> list[DAG]:
-        cache, model = self.cache, self.model
+        cache = self.cache
         # Level 0: catch up on the pending tokens; the root's logits seed the DAG.
         logits = self._fit(self.worker.executor.prefill(rows, pending))  # [B, V]
         cache.extend(rows, [len(t) - 1 for t in pending])  # the root stays pending (node 0)

@@ -12,18 +12,32 @@ import torch
 
 from ..graph.config import ModelConfig
 from ..graph.model import Transformer
-from ..graph.weights import ModelWeights
-from ..loaders.safetensors_weights import read_state_dict
+from ..graph.skip import read_tuned_schedule
+from ..graph.weights import ModelWeights, WeightFormat
+from ..loaders.default_model import cache_dir
+from ..loaders.quantized_weights import has_quantized, read_quantized
+from ..loaders.safetensors_weights import checkpoint_dtype, read_state_dict
 from ..loaders.tokenizer import Tokenizer
 from .apar import APAR, reassemble
 from .engine import Engine, LogitProcessor, Stream, Worker
 from .gsd import ModelDraft, NgramDraft, NgramTable
-from .methods import AR, Method, Speculative, make_policy
+from .llm2slm import LLM2SLM, Pair
+from .methods import AR, Method, Speculative, for_tuned_model, make_policy
 from .request import Request
 from .sampling import SamplingParams, make_generators
+from .skeleton import SkeletonMethod
 from .stats import DecodeStats
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The `weights=` options: a WeightFormat's name, or "native" (what the checkpoint holds).
+WEIGHTS = ("native", *(f.value for f in WeightFormat))
+# Whether a GGUF file and the default model load their own int4/int8 matrices ("native") when no
+# `weights` / `weight_dtype` is given. The goal, once perf/bench_decode.py measures native faster
+# end to end on a quiet machine of the CI class (its products are ~1.8x faster at one row on the
+# AVX2 VMs: graph/products.py). Until then they load as `dtype`: the numbers the transformers
+# oracle and the golden tests check (native rounds each product's input and output to bf16, as
+# bf16 inference does, and greedy choices at near-ties can differ).
+GGUF_NATIVE_BY_DEFAULT = False
 
 
 DRAFT_SLACK = 65  # the largest tree envelope (64 nodes) + its root
@@ -58,34 +72,48 @@ class LLM:
         weight_dtype: str | torch.dtype | None = None,
         kv_cache_mb: float = 2048,
         prefix_cache: bool = True,
+        weights: str | None = None,
     ):
         """`kv_cache_mb` bounds the KV cache (live streams and the prefix cache together);
         `prefix_cache` keeps finished sequences' K/V for later calls that share their prefix.
 
-        `dtype` is what the forward computes in (activations, KV cache); `weight_dtype` (default:
-        `dtype`) is what the matrices are stored and multiplied in. "bfloat16" weights under
-        float32 activations halve the bytes per token and, on a CPU with AVX-512 BF16, make a
-        k-token verification step cost about what one token does (kernels/linear.py)."""
+        `dtype` is what the forward computes in (activations, KV cache); `weights` is what the
+        matrices are stored and multiplied in: "float32" / "bfloat16" / "float16", "int8" / "int4"
+        (weight-only integers, quantized here on load: graph/weights.py), or "native", what the
+        checkpoint holds (a GGUF import's integer matrices, else the file's float dtype). Default:
+        `weight_dtype` (the older name for the float formats), else `dtype`. Narrower weights than
+        the activations halve (bf16) to ~1/7 (int4) the bytes per token, and torch's weight-only
+        products keep a k-token verification step near the cost of one token on CPUs with the
+        vector units for them (kernels/linear.py; graph/products.py picks the product per machine
+        and row count)."""
         dtype = _dtype(dtype, "dtype")
-        weight_dtype = dtype if weight_dtype is None else _dtype(weight_dtype, "weight_dtype")
+        self.weights = _weights_option(weights, weight_dtype, dtype)
+        self.model_dir = Path(model_dir)
+        self.config = ModelConfig.from_json(self.model_dir)
+        fmt = _weight_format(self.weights, self.model_dir, self.config)
+        quantized = read_quantized(self.model_dir, self.config) if fmt is None else {}
+        state = read_state_dict(self.model_dir, self.config, dtype, skip=quantized)
+        state = {name: t.to(device) for name, t in (state | quantized).items()}
+        model_weights = ModelWeights.from_state_dict(state, self.config, fmt)
+        formats = model_weights.formats()
+        # The float dtype every matrix is stored in, None when some matrix is not a float one.
+        only = next(iter(formats)) if len(formats) == 1 else None
+        self.weight_dtype = only.dtype if only is not None and not only.quantized else None
         if torch.device(device).type == "cpu":
-            if weight_dtype == torch.float32:
+            if set(formats) == {WeightFormat.FLOAT32}:
                 # fp32 weights stream through numpy's BLAS threads; torch's own pool only runs the
                 # small per-token ops, where a second thread loses more to contention than it
                 # gains (a decode step ran 4x slower with both pools at 2 threads).
                 torch.set_num_threads(1)
-            else:  # the products run in torch (oneDNN): its pool is the only busy one
+            else:  # the products run in torch (oneDNN, weight-only kernels): its pool is busy
                 torch.set_num_threads(_physical_cores())
-        self.model_dir = Path(model_dir)
-        self.config = ModelConfig.from_json(self.model_dir)
-        state = read_state_dict(self.model_dir, self.config, dtype)
-        state = {name: t.to(device) for name, t in state.items()}
-        weights = ModelWeights.from_state_dict(state, self.config, weight_dtype)
-        self.weight_dtype = weight_dtype
         self.max_seq_len = min(max_seq_len, self.config.max_position_embeddings)
         # Drafting may write up to DRAFT_SLACK slots past a full context (a speculative tree's
-        # nodes before verification cuts them), so the RoPE tables reach that far.
-        self.model = Transformer(self.config, weights, max_positions=self.max_seq_len + DRAFT_SLACK)
+        # nodes before verification cuts them), so the RoPE tables reach that far. The weight
+        # products are timed on first use and the choice cached per machine (graph/products.py).
+        self.model = Transformer(self.config, model_weights,
+                                 max_positions=self.max_seq_len + DRAFT_SLACK,
+                                 product_cache=cache_dir() / "products")
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise ValueError(
@@ -94,6 +122,9 @@ class LLM:
             )
         eos = set(self.tokenizer.eos_ids) | set(self.config.eos_token_ids)
         self.eos_ids = frozenset(eos)
+        # The SkipDecode schedule these weights were fine-tuned for (train/skipdecode.py), if any:
+        # SkipDecode / SelfSpec without their own schedule run it (runtime/methods.py).
+        self.skip_schedule = read_tuned_schedule(self.model_dir)
         self.kv_cache_mb, self.prefix_cache = kv_cache_mb, prefix_cache
         # One worker (KV cache, prefix cache, executor and its plans) and one engine per loaded
         # model, kept across calls.
@@ -103,6 +134,7 @@ class LLM:
         self._drafts: dict[str, LLM] = {}
         self._draft_sources: dict[str, ModelDraft | NgramDraft] = {}
         self._tables: dict[Path, NgramTable] = {}
+        self._pairs: dict[LLM2SLM, Pair] = {}  # LLM-to-SLM: this model as the large one
 
     # --- prompts ----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int], chat: bool = False, system: str | None = None):
@@ -138,17 +170,22 @@ class LLM:
         return requests
 
     def _streams(self, requests: list[Request], method: Method, stats: DecodeStats,
-                 processor: LogitProcessor | None = None) -> list[Stream]:
+                 processor: LogitProcessor | None = None,
+                 embeds: list[torch.Tensor] | None = None) -> list[Stream]:
         gens = make_generators(requests[0].params, len(requests), self.model.device)
-        return [self.engine.add(Stream(r, method, list(r.prompt), g, stats, processor))
-                for r, g in zip(requests, gens)]
+        embeds = embeds if embeds is not None else [None] * len(requests)
+        if len(embeds) != len(requests):
+            raise PromptError(f"{len(embeds)} prompt_embeds for {len(requests)} prompts")
+        return [self.engine.add(Stream(r, method, list(r.prompt), g, stats, processor,
+                                       prompt_embeds=e))
+                for r, g, e in zip(requests, gens, embeds)]
 
     def _run(self, requests: list[Request], method: Method, stats: DecodeStats,
-             out: list[Stream] | None = None):
+             out: list[Stream] | None = None, embeds: list[torch.Tensor] | None = None):
         """(request index, new text) pairs of one generation, timed into `stats`; `out` receives
         the streams. Streams of other callers (a server's) may share its steps."""
         t0 = time.perf_counter()
-        streams = self._streams(requests, method, stats)
+        streams = self._streams(requests, method, stats, embeds=embeds)
         if out is not None:
             out += streams
         index = {id(s): i for i, s in enumerate(streams)}
@@ -165,6 +202,7 @@ class LLM:
             draft = self._draft_source(method.base)
         else:
             draft = self._draft_source(method)
+        method = for_tuned_model(method, self.skip_schedule, self.model_dir)
         return make_policy(method, self.worker.executor, draft, self.tokenizer.stream_decoder)
 
     def apar_ids(self, method: APAR) -> APAR:
@@ -185,11 +223,14 @@ class LLM:
         """What runs where: the backend, each op's implementation, and every op or step kind that
         runs a slower reference or an eager step, with the reason."""
         ops = self.model.ops
+        formats = ", ".join(f"{n} {f.value}" for f, n in self.model.weights.formats().items())
         lines = [f"model {self.model_dir} on {self.model.device}, backend {ops.backend.value}, "
-                 f"activations {self.model.dtype}, weights {self.weight_dtype}"]
+                 f"activations {self.model.dtype}, weights={self.weights} ({formats} matrices)"]
         for name in ("rmsnorm", "add_rmsnorm", "rope", "swiglu", "attention", "linear"):
             fn = getattr(ops, name)
             lines.append(f"  {name}: {fn.__module__}.{fn.__name__}")
+        if self.model.products is not None:
+            lines += [f"    {line}" for line in self.model.products.describe()]
         ex = self.worker.executor
         lines.append(f"  steps: {'static plans' if ex.static else 'eager'}"
                      f"{' + CUDA graphs' if ex.cuda_graphs else ''}, {len(ex.plans)} plans built")
@@ -223,11 +264,27 @@ class LLM:
                 dtype=self.model.dtype,
                 device=str(self.model.device),
                 max_seq_len=self.max_seq_len,
-                weight_dtype=self.weight_dtype,
+                weights=self.draft_weights(),
             )
             check_draft_vocab(self, draft)
             self._drafts[spec] = draft
         return self._drafts[spec]
+
+    def draft_weights(self) -> str:
+        """A draft model's `weights`: this model's, with "native" read as the format most of this
+        model's matrices are in (a draft is not held to the target's numerics, only to its speed,
+        and one thread setting serves both: see __init__)."""
+        if self.weights != "native":
+            return self.weights
+        formats = self.model.weights.formats()
+        return max(formats, key=formats.get).value
+
+    def llm2slm(self, method: LLM2SLM) -> Pair:
+        """This model as LLM-to-SLM's large model, with `method`'s projector and small model:
+        loaded once and checked to belong together (runtime/llm2slm.py)."""
+        if method not in self._pairs:
+            self._pairs[method] = Pair.open(self, method, load)
+        return self._pairs[method]
 
     def ngram_table(self, draft: str | Path | None = None) -> NgramTable:
         """The n-gram table of a derived draft (default: the default model's), loaded once."""
@@ -273,12 +330,27 @@ class LLM:
         chat: bool = False,
         system: str | None = None,
         method: Method = AR(),
+        prompt_embeds: torch.Tensor | None = None,
     ) -> Iterator[str]:
-        """Text of one completion, piece by piece as it is produced."""
+        """Text of one completion, piece by piece as it is produced. `prompt_embeds` [prompt
+        tokens, hidden_size], if given, is added to the prompt's token embeddings at its prefill
+        (the encoded prompt: with chat=True, the templated one)."""
+        if isinstance(method, LLM2SLM):  # the small model writes (runtime/llm2slm.py)
+            pair = self.llm2slm(method)
+            yield from pair.stream(prompt, params, chat, system)
+            self.last_completion = pair.last_completion
+            return
+        if isinstance(method, SkeletonMethod):  # SGD / SoT drive the engines (runtime/sgd.py)
+            from .sgd import stream_skeleton
+
+            self.last_completion = yield from stream_skeleton(
+                self, prompt, params or SamplingParams(), chat, system, method)
+            return
         requests = self._requests([prompt], params or SamplingParams(), chat, system)
         stats = DecodeStats(self._method_name(method))
         streams = []
-        for _, text in self._run(requests, method, stats, streams):
+        embeds = None if prompt_embeds is None else [prompt_embeds]
+        for _, text in self._run(requests, method, stats, streams, embeds):
             if text:  # APAR: the request's own stream; the answer is reassembled at the end
                 yield text
         if isinstance(method, APAR):
@@ -293,18 +365,29 @@ class LLM:
         chat: bool = False,
         system: str | None = None,
         method: Method = AR(),
+        prompt_embeds: torch.Tensor | list[torch.Tensor] | None = None,
     ) -> Completion | list[Completion]:
-        """Complete one prompt (returns a Completion) or a batch (returns a list, in order)."""
+        """Complete one prompt (returns a Completion) or a batch (returns a list, in order).
+        `prompt_embeds`: as `stream`'s, one per prompt (a list for a batch)."""
         if not isinstance(prompts, str) and len(prompts) == 0:
             raise PromptError("no prompt given (an empty list is neither a prompt nor a batch)")
+        if isinstance(method, LLM2SLM):  # the small model writes (runtime/llm2slm.py)
+            return self.llm2slm(method).generate(prompts, params, chat, system)
         single = isinstance(prompts, str) or isinstance(prompts[0], int)
         batch = [prompts] if single else list(prompts)
+        if isinstance(method, SkeletonMethod):  # SGD / SoT drive the engines (runtime/sgd.py)
+            from .sgd import generate_skeleton
+
+            out = generate_skeleton(self, batch, params or SamplingParams(), chat, system, method)
+            return out[0] if single else out
+        if single and prompt_embeds is not None:
+            prompt_embeds = [prompt_embeds]
         requests = self._requests(batch, params or SamplingParams(), chat, system)
         stats = DecodeStats(self._method_name(method))
         # No autograd state to avoid (no weight requires grad), and no inference_mode: the cache
         # outlives the call and must stay writable by later calls made outside such a mode.
         streams = []
-        for _ in self._run(requests, method, stats, streams):
+        for _ in self._run(requests, method, stats, streams, prompt_embeds):
             pass
         if isinstance(method, APAR):
             out = [_apar_completion(self, s, stats) for s in streams]
@@ -329,12 +412,18 @@ class LLM:
         method: Method = AR(),
         on_text=None,
         processor: LogitProcessor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
     ) -> Stream:
         """Join a request to the engine's live streams (continuous batching) without running it:
-        `step()` advances every live stream; `on_text(piece)` receives its text as it comes."""
+        `step()` advances every live stream; `on_text(piece)` receives its text as it comes.
+        `prompt_embeds`: as `stream`'s. LLM-to-SLM runs on the small model's engine: submit to
+        `llm2slm(method)`."""
+        if isinstance(method, LLM2SLM):
+            raise ValueError("LLM2SLM decodes on the small model's engine: submit to "
+                             "llm.llm2slm(method) and step that")
         (request,) = self._requests([prompt], params or SamplingParams(), chat, system)
         (stream,) = self._streams([request], method, DecodeStats(self._method_name(method)),
-                                  processor)
+                                  processor, None if prompt_embeds is None else [prompt_embeds])
         stream.on_text = on_text
         return stream
 
@@ -361,6 +450,8 @@ def fallbacks(llm: LLM) -> list[str]:
                "their shapes vary too much for a plan per shape")
     out.append("self-speculation's draft and verify steps run eagerly (partial layer lists "
                "continuing from a saved residual stream have no plan kind yet)")
+    if llm.model.products is not None:
+        out += llm.model.products.fallbacks()
     return out
 
 
@@ -416,8 +507,14 @@ def load(
     weight_dtype: str | torch.dtype | None = None,
     kv_cache_mb: float = 2048,
     prefix_cache: bool = True,
+    weights: str | None = None,
 ) -> LLM:
-    """Load a model directory or GGUF file; None loads the embedded default model."""
+    """Load a model directory or GGUF file; None loads the embedded default model. `weights`:
+    see LLM (default: `weight_dtype`, else `dtype`; "native" for a GGUF file and the default
+    model when GGUF_NATIVE_BY_DEFAULT)."""
+    gguf = path is None or Path(path).suffix == ".gguf"
+    if weights is None and weight_dtype is None and gguf and GGUF_NATIVE_BY_DEFAULT:
+        weights = "native"
     if path is None:
         from ..loaders.default_model import default_model_dir
 
@@ -429,8 +526,33 @@ def load(
         path = converted_gguf_dir(path)
     return LLM(
         path, dtype=dtype, device=device, max_seq_len=max_seq_len, weight_dtype=weight_dtype,
-        kv_cache_mb=kv_cache_mb, prefix_cache=prefix_cache,
+        kv_cache_mb=kv_cache_mb, prefix_cache=prefix_cache, weights=weights,
     )
+
+
+def _weights_option(weights: str | None, weight_dtype: str | torch.dtype | None,
+                    dtype: torch.dtype) -> str:
+    """The `weights=` option from the arguments (checked before anything is read)."""
+    if weight_dtype is not None:
+        name = WeightFormat.of(_dtype(weight_dtype, "weight_dtype")).value
+        if weights is not None and weights != name:
+            raise ValueError(f"weights={weights!r} and weight_dtype={weight_dtype!r} disagree: "
+                             "pass one of them")
+        weights = name
+    if weights is None:
+        return WeightFormat.of(dtype).value
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: expected one of {', '.join(WEIGHTS)}")
+    return weights
+
+
+def _weight_format(weights: str, model_dir: Path, cfg: ModelConfig) -> WeightFormat | None:
+    """The format every matrix is converted to; None keeps a quantized checkpoint's matrices."""
+    if weights != "native":
+        return WeightFormat(weights)
+    if has_quantized(model_dir):
+        return None
+    return WeightFormat.of(checkpoint_dtype(model_dir, cfg))
 
 
 def _dtype(value: str | torch.dtype, what: str) -> torch.dtype:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
+from pathlib import Path
 
 from ..graph.skip import SkipSchedule
 from .apar import APAR, APARPolicy
@@ -12,8 +14,10 @@ from .ar import DecodePolicy, skip_layers
 from .engine import Engine, Stream, Worker
 from .executor import Executor
 from .gsd import GSDParams, ModelDraft, NgramDraft
+from .llm2slm import LLM2SLM
 from .request import Request
 from .sampling import make_generators
+from .skeleton import SGD, SkeletonMethod, SoT
 from .skipdecode import SelfSpecPolicy
 from .speculative import SpeculativePolicy
 from .stats import DecodeStats
@@ -29,9 +33,10 @@ class AR:
 @dataclass(frozen=True)
 class SkipDecode:
     """SkipDecode (lossy): generated token t runs schedule.layers_at(t). Give a schedule, or a
-    target speedup (total layers / mean layers) from which a linear-decay schedule is built."""
+    target speedup (total layers / mean layers) from which a linear-decay schedule is built.
+    Neither: the schedule the model was fine-tuned for (train/skipdecode.py), else speedup 2."""
 
-    speedup: float = 2.0
+    speedup: float | None = None
     warmup_layers: int = 2
     schedule: SkipSchedule | None = None
     name = "skipdecode"
@@ -44,25 +49,30 @@ class SkipDecode:
                     f"the model has {num_layers}"
                 )
             return self.schedule
-        return SkipSchedule.for_speedup(num_layers, self.speedup, tokens, self.warmup_layers)
+        speedup = 2.0 if self.speedup is None else self.speedup
+        return SkipSchedule.for_speedup(num_layers, speedup, tokens, self.warmup_layers)
 
 
 @dataclass(frozen=True)
 class SelfSpec:
     """Lossless self-speculative decoding: a skip-layer draft (warm-up layers + the top layers,
-    num_layers / draft_speedup in all) proposes k tokens that the full model verifies."""
+    num_layers / draft_speedup in all) proposes k tokens that the full model verifies. With a
+    `schedule`, the draft token at generated position t runs schedule.layers_at(t) instead; on a
+    model fine-tuned for a schedule that is the default (unless a speedup or layers are given)."""
 
     k: int = 4
-    draft_speedup: float = 2.0
+    draft_speedup: float | None = None  # None: 2 (or the tuned schedule, see above)
     warmup_layers: int = 2
     adaptive: bool = True  # draft only while drafting measures faster (runtime/skipdecode.py)
     layers: tuple[int, ...] | None = None  # an explicit draft layer set instead of the above
+    schedule: SkipSchedule | None = None  # per-position draft layer sets instead of the above
     name = "selfspec"
 
     def draft_layers(self, num_layers: int) -> list[int]:
         if self.layers is not None:
             return list(self.layers)
-        n = max(self.warmup_layers + 1, round(num_layers / self.draft_speedup))
+        speedup = 2.0 if self.draft_speedup is None else self.draft_speedup
+        n = max(self.warmup_layers + 1, round(num_layers / speedup))
         n = min(n, num_layers)
         return list(range(self.warmup_layers)) + list(
             range(num_layers - (n - self.warmup_layers), num_layers)
@@ -106,7 +116,7 @@ class Speculative:
                          self.sibling_threshold)
 
 
-Method = AR | SkipDecode | SelfSpec | Speculative | APAR
+Method = AR | SkipDecode | SelfSpec | Speculative | APAR | LLM2SLM | SGD | SoT
 
 
 def make_policy(method: Method, executor: Executor, draft: ModelDraft | NgramDraft | None = None,
@@ -124,10 +134,56 @@ def make_policy(method: Method, executor: Executor, draft: ModelDraft | NgramDra
         schedule = lru_cache(maxsize=None)(lambda tokens: method.schedule_for(L, tokens))
         return DecodePolicy(executor, L, layers_for=skip_layers(schedule))
     if isinstance(method, SelfSpec):
+        if method.schedule is not None:
+            return SelfSpecPolicy(executor, method.schedule.layers_at, method.k, method.adaptive,
+                                  warmup=method.schedule.warmup_layers)
         return SelfSpecPolicy(executor, method.draft_layers(L), method.k, method.adaptive)
     if isinstance(method, Speculative):
         return SpeculativePolicy(executor, draft, method.params())
+    if isinstance(method, LLM2SLM):
+        raise TypeError("LLM2SLM is not a policy of one model's engine: the large model's "
+                        "generate/stream run it, on the small model's engine (runtime/llm2slm.py)")
+    if isinstance(method, SkeletonMethod):
+        raise TypeError(f"{method.name} runs many streams per question: the model's generate/"
+                        "stream run it (runtime/sgd.py), each point with a per-stream method")
     raise TypeError(f"unknown decoding method {method!r}")
+
+
+class TunedScheduleWarning(UserWarning):
+    """A model fine-tuned for one SkipDecode schedule is run with another (lower quality)."""
+
+
+def for_tuned_model(method: Method, tuned: SkipSchedule | None, model: str | Path) -> Method:
+    """`method` on a model fine-tuned for the SkipDecode schedule `tuned` (None: an untuned
+    model, nothing changes). SkipDecode without a schedule or speedup runs the tuned schedule, as
+    does a speedup that rebuilds exactly it; any other schedule runs as asked, with a
+    TunedScheduleWarning. SelfSpec without draft layers or speedup drafts with the tuned
+    schedule."""
+    if tuned is None:
+        return method
+    if isinstance(method, SkipDecode):
+        if method.schedule is None:
+            if method.speedup is None or tuned == SkipSchedule.for_speedup(
+                tuned.num_layers, method.speedup, tuned.decay_length, method.warmup_layers
+            ):
+                return replace(method, schedule=tuned)
+            other = f"speedup {method.speedup} (warm-up {method.warmup_layers} layers)"
+        elif method.schedule == tuned:
+            return method
+        else:
+            other = str(method.schedule)
+        warnings.warn(
+            f"{model} was fine-tuned for the SkipDecode schedule {tuned}; running {other} "
+            "instead, on which its quality is untested (leave the speedup unset to run the tuned "
+            "schedule)",
+            TunedScheduleWarning,
+            stacklevel=2,
+        )
+        return method
+    if (isinstance(method, SelfSpec) and method.schedule is None and method.layers is None
+            and method.draft_speedup is None):
+        return replace(method, schedule=tuned)
+    return method
 
 
 def run_requests(

@@ -12,6 +12,11 @@ One round, for every active sequence of the batch at once:
      and target's distributions processed by the same SamplingParams) and keep the accepted K/V.
 The output is token-identical to greedy AR of the full model, and distributed as AR when sampling.
 
+The draft's layers are one fixed set, or a SkipDecode schedule's: then the draft token at generated
+position t runs schedule.layers_at(t), the layers a model fine-tuned for that schedule was trained
+to predict with (train/skipdecode.py). The streams of a round share one layer list per draft step,
+that of the earliest position among them: by monotonicity a superset of every other stream's.
+
 A round of k drafts costs k skip-layer steps plus a (k + 1)-token verify step, and pays only when
 enough drafts are accepted: on the untrained default model the skip-layer draft agrees with the
 full model on few tokens, so a round emits ~1.5 tokens for the cost of ~3 full steps. With
@@ -27,6 +32,7 @@ probes per thousand steps. The stats count the plain steps it chose (`plain_step
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -43,20 +49,31 @@ class SelfSpecPolicy:
     def __init__(
         self,
         executor: Executor,
-        draft_layers: list[int],  # the draft's layer set: [0, w) + some top layers, ascending
+        # the draft's layer set ([0, w) + some top layers, ascending), or the set of the draft
+        # token at each generated position t (a schedule's layers_at: warm-up layers [0, warmup))
+        draft_layers: Sequence[int] | Callable[[int], Sequence[int]],
         k: int,
         adaptive: bool = True,
         probe_every: int = 16,
         max_probe_every: int = 1024,
+        warmup: int | None = None,  # w, required with per-position layer sets
     ):
         if k < 1:
             raise ValueError(f"self-speculative draft length k={k}: expected >= 1")
         self.executor, self.k, self.slack = executor, k, k + 1
         self.model = executor.model
         L = self.model.cfg.num_layers
-        w = next((i for i, layer in enumerate(draft_layers) if layer != i), len(draft_layers))
-        self.warmup, self.top, self.draft_layers = draft_layers[:w], draft_layers[w:], draft_layers
-        self.rest = list(range(w, L))  # what verification runs on top of the shared warm-up
+        if callable(draft_layers):
+            if warmup is None:
+                raise ValueError("per-position draft layers need the warm-up layer count")
+            self.layers_at = draft_layers
+        else:
+            fixed = list(draft_layers)
+            if warmup is None:
+                warmup = next((i for i, layer in enumerate(fixed) if layer != i), len(fixed))
+            self.layers_at = lambda t: fixed
+        self.warmup = list(range(warmup))
+        self.rest = list(range(warmup, L))  # what verification runs on top of the shared warm-up
         self.plain = DecodePolicy(executor, L)
         self.adaptive, self.probe_every = adaptive, probe_every
         self.max_probe_every = max_probe_every
@@ -105,6 +122,15 @@ class SelfSpecPolicy:
         rows = [s.row for s in streams]
         starts = [cache.lengths[r] for r in rows]
         roots = [s.context[-1] for s in streams]
+        t_root = min(len(s.request.tokens) for s in streams) - 1  # generated index of the root
+        w = len(self.warmup)
+        tops = []  # the top layers of each draft step
+        for j in range(k):
+            layers = list(self.layers_at(t_root + j))
+            if layers[:w] != self.warmup:
+                raise ValueError(f"draft layers {layers} at generated position {t_root + j} do not "
+                                 f"start with the warm-up layers {self.warmup}")
+            tops.append(layers[w:])
         t0 = time.perf_counter()
         # 1. Draft: k skip-layer steps, then the warm-up layers of the last draft token.
         cur = list(roots)
@@ -117,7 +143,7 @@ class SelfSpecPolicy:
             cache.extend(rows, [1] * len(rows))
             if j == k:
                 break
-            h = model.hidden(step, cache, self.top, start=h_w)
+            h = model.hidden(step, cache, tops[j], start=h_w)
             draft_logits = model.logits(h[:, 0])  # [B, V]
             cur, probs = [], []
             for b, s in enumerate(streams):
@@ -168,7 +194,7 @@ class SelfSpecPolicy:
         for s, acc in zip(streams, accepted):
             s.stats.accepted.append(len(acc.path))
             # The layers this round ran for the stream, shared out over the tokens it emits.
-            s.stats.layers_computed += (k * len(self.draft_layers) + len(self.warmup)
+            s.stats.layers_computed += (sum(w + len(top) for top in tops) + w
                                         + (k + 1) * len(self.rest))
             engine.emit(s, acc.tokens)
 

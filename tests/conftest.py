@@ -24,6 +24,9 @@ elif not torch.cuda.is_available():
 # The test models are tiny: a second torch thread only adds OpenMP hand-offs, which on a busy
 # 2-core machine cost milliseconds per op.
 torch.set_num_threads(1)
+# Every backend's default weight products, untimed (graph/products.py): a choice timed on a busy
+# machine could differ from run to run. tests/graph/test_products.py times them explicitly.
+os.environ.setdefault("TREADLE_PRODUCTS", "fixed")
 
 import pytest  # noqa: E402
 from tiny_models import TINY_CONFIGS, make_hf_model, save_hf_model  # noqa: E402

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shutil
 import sys
@@ -52,13 +51,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..graph.backend import Backend
 from ..graph.config import ModelConfig
 from ..graph.model import Transformer
 from ..graph.training import (
-    StepKV,
     make_trainable,
-    sequence_step,
     state_dict_of,
     trainable_parameters,
     training_model,
@@ -68,27 +64,15 @@ from ..loaders.draft_model import DRAFT_FORMAT, MARKER, NGRAM_FILE, draft_dir, r
 from ..loaders.gguf_import import OutputExistsError, _atomic_dir, _fsync, _write_json
 from ..loaders.safetensors_weights import read_state_dict
 from .data import GenerateFn, Generation, GenerationRecipe, batches, pack, target_answers
+from .distill import TOKENIZER_FILES, hidden, load_target, warmup_cosine
+from .distill import heldout_split as _split
+from .distill import teacher_pass as _teacher_pass
 from .ngram import ngram_table_of, write_ngram_table
 
 DEFAULT_LAYERS = (0, 1, 2, 3)
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-)
 
 
 # --- teacher and student: the graph forward -------------------------------------------------------
-def load_target(target_dir: str | Path, device: str = "cpu") -> Transformer:
-    """The frozen target in fp32 with the torch backend (its reference attention reads a `StepKV`;
-    on the CPU its products are the fast inference ones)."""
-    cfg = ModelConfig.from_json(target_dir)
-    state = {k: v.float().to(device) for k, v in read_state_dict(target_dir, cfg).items()}
-    return Transformer(cfg, ModelWeights.from_state_dict(state, cfg), backend=Backend.TORCH)
-
-
 def student_of(target_dir: str | Path, layers: Sequence[int], device: str = "cpu") -> Transformer:
     """The draft to train: `layers` of the target (renumbered 0..), its final norm (trainable) and
     its embedding / LM head (frozen), running the training op table."""
@@ -106,46 +90,6 @@ def student_of(target_dir: str | Path, layers: Sequence[int], device: str = "cpu
     weights = ModelWeights.from_state_dict({k: v.float().to(device) for k, v in sub.items()}, cfg)
     make_trainable(weights, norm=True, embed=False)
     return training_model(cfg, weights)
-
-
-def hidden(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, d]
-    """The residual stream after the last layer over right-padded sequences (padding only follows
-    real tokens, so causal attention keeps it out of every real position)."""
-    return model.hidden(sequence_step(tokens), StepKV())
-
-
-@torch.no_grad()
-def _teacher_pass(teacher: Transformer, data, batch_tokens, topk, progress, what) -> list[tuple]:
-    """Per example: (target argmax ids, top-k ids, top-k probabilities renormalised) at its answer
-    positions; topk=0 keeps only the argmax."""
-    from tqdm import tqdm
-
-    out: list[tuple] = [None] * len(data)  # type: ignore[list-item]
-    plan = batches(data, batch_tokens, list(range(len(data))))
-    for idx in tqdm(plan, desc=what, unit="batch", disable=not progress):
-        tokens, where, _ = pack(data, idx, teacher.device)
-        h = hidden(teacher, tokens).flatten(0, 1)[where]
-        arg, ids, probs = [], [], []
-        for c in range(0, len(h), 512):
-            lg = teacher.logits(h[c : c + 512])
-            arg.append(lg.argmax(-1))
-            if topk:
-                v, ix = lg.topk(topk, dim=-1)
-                ids.append(ix)
-                probs.append(v.softmax(-1))  # renormalised over the kept top-k
-        arg = torch.cat(arg).cpu()
-        ids_t = torch.cat(ids).cpu().int() if topk else None
-        probs_t = torch.cat(probs).cpu().half() if topk else None
-        n0 = 0
-        for i in idx:
-            n = len(data[i][1])
-            out[i] = (
-                arg[n0 : n0 + n],
-                ids_t[n0 : n0 + n] if topk else None,
-                probs_t[n0 : n0 + n] if topk else None,
-            )
-            n0 += n
-    return out
 
 
 # --- training and evaluation ---------------------------------------------------------------------
@@ -177,14 +121,6 @@ def train_student(
         gen.shuffle(epoch)
         plans.append(epoch)
     total = sum(len(b) for b in plans)
-    warmup = max(1, min(30, total // 10))
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        frac = (step - warmup) / max(1, total - warmup)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
     losses = []
     step = 0
     bar = tqdm(total=total, desc="training draft", unit="step", disable=not progress)
@@ -201,7 +137,7 @@ def train_student(
                     probs = torch.cat([soft[i][2] for i in idx]).to(dev).float()
                     loss = loss + kl_weight * -(probs * logp.gather(1, ids)).sum(-1).mean()
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(step)
+                    g["lr"] = warmup_cosine(lr, step, total)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -266,14 +202,6 @@ def agreement(
             str(k): round(float(r.clamp(max=k).float().mean()) + 1, 4) for k in ks
         }
     return res
-
-
-def _split(n: int, heldout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(held-out, training) example indices: a seeded shuffle, the first fraction held out."""
-    order = list(range(n))
-    random.Random(seed + 2).shuffle(order)
-    n_held = max(1, round(n * heldout_fraction)) if n > 1 else 0
-    return sorted(order[:n_held]), sorted(order[n_held:])
 
 
 # --- the build -----------------------------------------------------------------------------------

@@ -489,3 +489,97 @@ def test_load_gguf_imports_once_into_the_cache(tmp_path, tiny_gguf, monkeypatch)
     again = treadle.load(tiny_gguf)  # the second load finds the import, converts nothing
     assert again.model_dir == llm.model_dir
     assert (again.model_dir / "model.safetensors").stat().st_mtime_ns == first
+
+
+# --- quantized matrices (treadle-quant.safetensors) ---------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["llama-quant-tied", "llama-q4_1-bias", "qwen2-q8_0-bias"])
+def test_import_keeps_quantized_matrices(tmp_path, case):
+    """Q4_0 / Q4_1 -> int4 with the file's own codes and scales: they dequantize to the float32
+    import bit for bit (q/k rows un-permuted like the float ones). Q8_0 -> int8 per row,
+    re-quantized, with its error recorded. Float tensors (F16 norms) stay out."""
+    from treadle.graph.weights import WeightFormat
+    from treadle.loaders.quantized_weights import read_index, read_quantized
+
+    arch, tied, bias, quant = CASES[case]
+    src = write_gguf(tmp_path / "q.gguf", hf_weights(tied=tied, bias=bias), arch=arch,
+                     quant=quant)
+    out = convert_gguf(src, tmp_path / "hf", progress=False)
+    floats = load_file(out / "model.safetensors")
+    index = read_index(out)["tensors"]
+    cfg = ModelConfig.from_json(out)
+    quantized = read_quantized(out, cfg)
+    assert quantized.keys() == index.keys()
+    for name, entry in index.items():
+        suffix, qtype = next((s, q) for s, q in quant.items() if name.endswith(s))
+        assert entry["source"] == qtype.name and entry["shape"] == list(floats[name].shape)
+        q = quantized[name]
+        if qtype in (Q.Q4_0, Q.Q4_1):
+            assert q.format == WeightFormat.INT4 and entry["exact"]
+            np.testing.assert_array_equal(q.dequantize().numpy(), floats[name], err_msg=name)
+        else:
+            assert q.format == WeightFormat.INT8 and not entry["exact"]
+            err = np.abs(q.dequantize().numpy() - floats[name]).max()
+            assert err == pytest.approx(entry["max_abs_error"])
+            assert entry["rel_rms_error"] < 0.02
+    assert not any("layernorm" in name or "norm.weight" in name for name in index)
+    assert gguf_import.import_is_current(out, src)
+
+
+def random_q4_k(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Valid Q4_K rows of random bytes (finite positive fp16 d and dmin), [rows, cols/256*144]."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows, cols // 256, 144), dtype=np.uint8)
+    for off in (0, 2):  # d, dmin: fp16 in [2^-10, 2^-4)
+        h = rng.uniform(2**-10, 2**-4, size=blocks.shape[:2]).astype(np.float16)
+        blocks[..., off : off + 2] = h[..., None].view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def test_q4_k_decodes_exactly():
+    """Q4_K's super-blocks become 8 int4 groups each (scale d * sc, min -dmin * m): the same
+    numbers as gguf's own dequantization, bit for bit."""
+    raw = random_q4_k(6, 512)
+    codes, scales, mins = gguf_import._q4k(raw, 6, 512)
+    from treadle.kernels.quant_linear import dequantize_int4
+
+    ours = dequantize_int4(torch.from_numpy(codes), torch.from_numpy(scales.T.copy()),
+                           torch.from_numpy(mins.T.copy()))
+    ref = gguf.quants.dequantize(raw, Q.Q4_K).reshape(6, 512)
+    np.testing.assert_array_equal(ours.numpy(), ref)
+
+
+def test_load_gguf_native_and_other_formats(tmp_path, monkeypatch):
+    import treadle
+    from treadle.graph.weights import WeightFormat
+
+    monkeypatch.setenv("TREADLE_CACHE", str(tmp_path / "cache"))
+    arch, tied, bias, quant = CASES["llama-quant-tied"]  # Q8_0 embedding, Q4_0 layers, F16 norms
+    src = write_gguf(tmp_path / "q.gguf", hf_weights(tied=tied, bias=bias), quant=quant)
+    native = treadle.load(src, weights="native")
+    assert native.weights == "native"
+    assert native.model.weights.formats() == {WeightFormat.INT4: 2 * LAYERS * 2,
+                                              WeightFormat.INT8: 1}
+    assert "weights=native (8 int4, 1 int8 matrices)" in native.describe()
+    params = treadle.SamplingParams(max_new_tokens=6, ignore_eos=True)
+    assert len(native.generate([1, 5, 7], params).tokens) == 6
+
+    fp32 = treadle.load(src, weights="float32")
+    assert set(fp32.model.weights.formats()) == {WeightFormat.FLOAT32}
+    assert fp32.weight_dtype == torch.float32 and native.weight_dtype is None
+    ids = [1, 5, 70, 200, 3]
+    from treadle.runtime.kv_cache import KVCache
+
+    def step_logits(llm):
+        cache = KVCache(llm.config, rows=1, capacity=8)
+        return llm.model.forward(cache.make_step([0], [ids], logits="all"), cache)
+
+    # The same weights (Q4_0 is exact in int4; Q8_0 re-quantized per row), bf16 activations in
+    # the products: close, not equal.
+    a, b = step_logits(native), step_logits(fp32)
+    assert (a - b).abs().max() <= 0.05 * b.abs().max()
+    as_int8 = treadle.load(src, weights="int8")
+    assert set(as_int8.model.weights.formats()) == {WeightFormat.INT8}
+    with pytest.raises(ValueError, match="weights='q4': expected one of native, float32"):
+        treadle.load(src, weights="q4")

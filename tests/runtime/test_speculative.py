@@ -100,6 +100,26 @@ def test_greedy_is_token_identical_to_ar_with_bf16_weights(tmp_path, name):
     assert stats.steps > 0
 
 
+@pytest.mark.parametrize("name", ["chain", "tree", "gsd-tau0"])
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_greedy_is_token_identical_to_ar_with_integer_weights(tmp_path, name, fmt):
+    # Integer weights (torch's weight-only CPU kernels, bf16 activations in the products): the
+    # products and attention are row-invariant (graph/products.py, graph/backend.py), so a verify
+    # step computes every token exactly as AR's one-token steps do.
+    from treadle.graph.weights import WeightFormat
+
+    target = load_tiny("llama_gqa_tied", tmp_path / "t", num_layers=3,
+                       weight_dtype=WeightFormat(fmt))
+    draft = load_tiny("llama_gqa_tied", tmp_path / "d", seed=7, num_layers=1,
+                      weight_dtype=WeightFormat(fmt))
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    got, stats = speculative(target, draft, prompts_for(5), params, CONFIGS[name])
+    assert got == ar(target, prompts_for(5), params)
+    ngram, _ = speculative(target, NgramDraft(), prompts_for(5), params, CONFIGS[name])
+    assert ngram == got
+    assert stats.steps > 0
+
+
 def test_the_target_as_its_own_draft_accepts_everything(target):
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
     p = GSDParams(k=1, tau=-1, max_depth=4, node_budget=8, prob_threshold=0.0)
