@@ -114,6 +114,11 @@ class KVCache:
         frees it first."""
         if not 0 < n <= self.lengths[src]:
             raise KVCacheError(f"cannot share {n} slots of row {src}: it holds {self.lengths[src]}")
+        # Borrow from the row that holds the slots: forking a fork within what it borrows would
+        # pin the whole chain, and a prefix cache whose entries fork each other (the same prompts
+        # answered again and again) could then evict none of them (each is borrowed from).
+        while self.lender[src] is not None and self.lender[src][1] >= n:
+            src = self.lender[src][0]
         row = self.allocate() if row is None else row
         self.lender[row] = (src, n)
         self.lengths[row] = n

@@ -172,6 +172,33 @@ def test_no_leak_after_1000_requests_and_eviction_within_budget(target):
     assert worker.cache.in_use() == 0
 
 
+def test_the_same_prompts_again_and_again_stay_within_a_small_budget(target):
+    # Each call's rows fork the previous call's rows (same prompts, new answers). Were a fork of a
+    # fork to borrow from its direct source, every call would pin a longer chain of rows that the
+    # prefix cache could not evict (each one borrowed from), and the budget would run out.
+    worker = Worker(target, 64, kv_cache_mb=0.8)
+    most = worker.kv_cache_bytes // worker.cache.row_bytes()
+    rng = random.Random(1)
+    prompts = [[5] * 9 + [rng.randrange(211) for _ in range(6)] for _ in range(3)]
+    for call in range(4 * most):
+        reqs = [Request(p, SamplingParams(max_new_tokens=3, temperature=1.0, seed=call),
+                        frozenset()) for p in prompts]
+        for _ in run_requests(worker, reqs):
+            pass
+        cache = worker.cache
+        depth = max(_chain(cache, r) for r in range(cache.rows) if cache.refs[r])
+        assert depth <= 3 and worker.cache.rows <= most  # common prefix -> prompt -> live row
+    worker.prefixes.clear()
+    assert worker.cache.in_use() == 0
+
+
+def _chain(cache, row: int) -> int:
+    n = 1
+    while cache.lender[row] is not None:
+        row, n = cache.lender[row][0], n + 1
+    return n
+
+
 def test_exhaustion_names_the_setting(target):
     worker = Worker(target, 64, kv_cache_mb=0.05)
     reqs = [Request([1, 2, 3], params(4), frozenset()) for _ in range(64)]

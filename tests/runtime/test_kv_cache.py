@@ -114,6 +114,31 @@ def test_fork_of_a_fork_that_borrows_less_than_its_lender(model):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_a_fork_within_what_its_source_borrows_borrows_from_the_lender(model):
+    cfg = model.cfg
+    cache = KVCache(cfg, rows=4, capacity=64)
+    prompt = [random.Random(4).randrange(211) for _ in range(9)]
+    a = cache.allocate()
+    model.forward(cache.make_step([a], [prompt]), cache)
+    cache.extend([a], [9])
+    b = cache.fork(a, 6)
+    model.forward(cache.make_step([b], [[7, 8]]), cache)
+    cache.extend([b], [2])
+    c = cache.fork(b, 4)  # slots a holds: borrowed from a, so b stays free to go
+    assert cache.lender[c] == (a, 4) and cache.refs[b] == 1 and cache.refs[a] == 3
+    d = cache.fork(b, 7)  # slot 6 is b's own: borrowed from b (which reads 0..5 from a)
+    assert cache.lender[d] == (b, 7)
+    step = cache.make_step([d], [[3]])
+    got = model.forward(step, cache)
+    assert step.kv_rows[0, :8].tolist() == [a] * 6 + [b, d]
+    ref_cache = KVCache(cfg, rows=1, capacity=64)
+    ref = model.forward(ref_cache.make_step([0], [prompt[:6] + [7, 3]]), ref_cache)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for row in (b, c, d, a):
+        cache.free(row)
+    assert cache.in_use() == 0
+
+
 def random_parents(rng, n):
     return [rng.randrange(-1, i) if i else -1 for i in range(n)]
 
