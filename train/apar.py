@@ -77,8 +77,7 @@ from ..loaders.safetensors_weights import read_state_dict
 from ..loaders.tokenizer import Tokenizer
 from ..runtime.llm import APAR_TOKENS
 from .data import TOPICS, GenerateFn, Generation, GenerationRecipe, batches, pack, target_answers
-from .distill import TOKENIZER_FILES, heldout_split, hidden, warmup_cosine
-from .skipdecode import Checkpoint
+from .distill import TOKENIZER_FILES, Checkpoint, heldout_split, hidden, warmup_cosine
 
 MARKER = "treadle-apar.json"
 APAR_FORMAT = 1

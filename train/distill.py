@@ -1,6 +1,6 @@
 """What every distillation from the target shares: the frozen teacher, its soft targets over the
-answer positions, the held-out split and the learning-rate schedule (train/draft.py and
-train/skipdecode.py use them).
+answer positions, the held-out split, the learning-rate schedule, and the resumable checkpoint
+of a training run (train/draft.py, skipdecode.py, apar.py and llm2slm.py use them).
 
     teacher = load_target(target_dir)
     soft = teacher_pass(teacher, data, 2048, topk=32)   # per example: argmax, top-k ids, probs
@@ -11,7 +11,10 @@ train/skipdecode.py use them).
 from __future__ import annotations
 
 import math
+import os
 import random
+import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -110,3 +113,44 @@ def warmup_cosine(lr: float, step: int, total: int) -> float:
         return lr * (step + 1) / warmup
     frac = (step - warmup) / max(1, total - warmup)
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+class Checkpoint:
+    """The resumable state of one build, in a folder beside its output: `teacher.pt` (the soft
+    targets and the untuned figures, computed once) and `state.pt` (the step, the trainable
+    tensors and the optimizer), each written atomically and valid only under the recipe's key."""
+
+    def __init__(self, folder: Path, key: str):
+        self.folder, self.key = folder, key
+
+    def _load(self, name: str) -> dict | None:
+        try:
+            obj = torch.load(self.folder / name, weights_only=True)
+        except FileNotFoundError:
+            return None
+        return obj if isinstance(obj, dict) and obj.get("key") == self.key else None
+
+    def _save(self, name: str, obj: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / name
+        tmp = path.with_name(f".{name}.{uuid.uuid4().hex[:8]}.partial")
+        try:
+            torch.save({"key": self.key, **obj}, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load_teacher(self) -> dict | None:
+        return self._load("teacher.pt")
+
+    def save_teacher(self, obj: dict) -> None:
+        self._save("teacher.pt", obj)
+
+    def load_state(self) -> dict | None:
+        return self._load("state.pt")
+
+    def save_state(self, obj: dict) -> None:
+        self._save("state.pt", obj)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -37,12 +37,10 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,6 +75,7 @@ from ..loaders.safetensors_weights import read_state_dict
 from ..loaders.tokenizer import Tokenizer
 from ..runtime.llm2slm import Projector, check_same_vocab, layer_states, vocabulary
 from .data import GenerateFn, Generation, GenerationRecipe, batches, pack, target_answers
+from .distill import Checkpoint
 from .draft import TOKENIZER_FILES, _split, load_target
 
 
@@ -158,34 +157,6 @@ def heldout_loss(small, projector, data, states, batch_tokens: int = 1024) -> fl
 
 
 # --- training -------------------------------------------------------------------------------------
-class Checkpoint:
-    """A training run's state every `every` steps in `folder`, written atomically under the run's
-    key: a killed run with the same key resumes from it."""
-
-    def __init__(self, folder: Path, key: str, every: int):
-        self.folder, self.key, self.every = folder, key, every
-        self.path = folder / "checkpoint.pt"
-
-    def load(self) -> dict | None:
-        try:
-            state = torch.load(self.path, weights_only=True)
-        except Exception:  # noqa: BLE001 - none yet, or unreadable: start over
-            return None
-        return state if isinstance(state, dict) and state.get("key") == self.key else None
-
-    def save(self, state: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.partial")
-        try:
-            torch.save({**state, "key": self.key}, tmp)
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
 def train_projector(
     small: Transformer,
     projector: Projector,
@@ -199,6 +170,7 @@ def train_projector(
     max_steps: int | None = None,
     seed: int = 0,
     checkpoint: Checkpoint | None = None,
+    checkpoint_every: int = 50,
     progress: bool = True,
 ) -> dict:
     """Train the projector (and the small model's parameters, if `load_small(tune=True)` made
@@ -231,7 +203,7 @@ def train_projector(
     sums = [0.0] * epochs  # loss x tokens, tokens: per epoch, for the epoch means
     counts = [0] * epochs
     start = 0
-    saved = checkpoint.load() if checkpoint is not None else None
+    saved = checkpoint.load_state() if checkpoint is not None else None
     if saved is not None:
         projector.load_state_dict(saved["projector"])
         with torch.no_grad():
@@ -256,8 +228,8 @@ def train_projector(
             bar.update()
             bar.set_postfix(epoch=e + 1, loss=f"{sums[e] / counts[e]:.3f}")
             done = step + 1
-            if checkpoint is not None and done < total and done % checkpoint.every == 0:
-                checkpoint.save({
+            if checkpoint is not None and done < total and done % checkpoint_every == 0:
+                checkpoint.save_state({
                     "step": done, "sums": sums, "counts": counts,
                     "projector": projector.state_dict(),
                     "small": [p.detach().clone() for p in small_params],
@@ -440,7 +412,7 @@ def build_projector(
             "--force)"
         )
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    checkpoint = Checkpoint(out.with_name(f".{out.name}.checkpoint"), key, checkpoint_every)
+    checkpoint = Checkpoint(out.with_name(f".{out.name}.checkpoint"), key)
 
     old_threads = torch.get_num_threads()
     timings: dict[str, float] = {}
@@ -469,7 +441,7 @@ def build_projector(
         trained = train_projector(
             small, projector, [data[i] for i in train], [states[i] for i in train],
             epochs=epochs, lr=lr, small_lr=small_lr, batch_tokens=batch_tokens, seed=seed,
-            checkpoint=checkpoint, progress=progress,
+            checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress,
         )
         timings["train_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -44,11 +44,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import shutil
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -76,6 +74,7 @@ from ..loaders.safetensors_weights import read_state_dict
 from .data import GenerateFn, Generation, GenerationRecipe, batches, pack, target_answers
 from .distill import (
     TOKENIZER_FILES,
+    Checkpoint,
     SoftTargets,
     heldout_split,
     hidden,
@@ -272,47 +271,6 @@ def plan_steps(data: Sequence[Generation], recipe: TuneRecipe) -> list[list[int]
         gen.shuffle(epoch)
         plan += epoch
     return plan[: recipe.max_steps] if recipe.max_steps is not None else plan
-
-
-class Checkpoint:
-    """The resumable state of one build, in a folder beside its output: `teacher.pt` (the soft
-    targets and the untuned figures, computed once) and `state.pt` (the step, the trainable
-    tensors and the optimizer), each written atomically and valid only under the recipe's key."""
-
-    def __init__(self, folder: Path, key: str):
-        self.folder, self.key = folder, key
-
-    def _load(self, name: str) -> dict | None:
-        try:
-            obj = torch.load(self.folder / name, weights_only=True)
-        except FileNotFoundError:
-            return None
-        return obj if isinstance(obj, dict) and obj.get("key") == self.key else None
-
-    def _save(self, name: str, obj: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / name
-        tmp = path.with_name(f".{name}.{uuid.uuid4().hex[:8]}.partial")
-        try:
-            torch.save({"key": self.key, **obj}, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def load_teacher(self) -> dict | None:
-        return self._load("teacher.pt")
-
-    def save_teacher(self, obj: dict) -> None:
-        self._save("teacher.pt", obj)
-
-    def load_state(self) -> dict | None:
-        return self._load("state.pt")
-
-    def save_state(self, obj: dict) -> None:
-        self._save("state.pt", obj)
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def train_skip(
