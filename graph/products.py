@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..kernels import quant_linear
+from ..kernels import cpu_quant_linear, quant_linear
 from ..kernels.linear import (
     INT4_CPU_KERNEL,
     INT8_CPU_KERNEL,
@@ -113,6 +113,11 @@ def _int4_cpu(rows: int):
     return fn
 
 
+def _int8_numba(x, lin):
+    codes, scales = lin.host_int8 if lin.host_int8 is not None else (lin.weight, lin.scales)
+    return cpu_quant_linear.int8_linear_cpu(x, codes, scales, lin.bias)
+
+
 def _packed(kind: str, make, available: bool, ref: Product) -> list[Product]:
     if not available:
         return [ref]
@@ -123,6 +128,9 @@ def _packed(kind: str, make, available: bool, ref: Product) -> list[Product]:
 
 INT8_REF = Product("int8-dequantize-ref", _int8_ref, "fp32-dequantized", False)
 INT4_REF = Product("int4-dequantize-ref", _int4_ref, "fp32-dequantized", False)
+# fp32 activations and accumulation (kernels/cpu_quant_linear.py): one kernel for every row count.
+INT8_NUMBA = ([Product("numba-int8", _int8_numba, "numba-fp32", True)]
+              if cpu_quant_linear.AVAILABLE else [])
 
 
 def candidates(backend: Backend, device_type: str, fmt: WeightFormat) -> list[Product]:
@@ -143,7 +151,7 @@ def candidates(backend: Backend, device_type: str, fmt: WeightFormat) -> list[Pr
     if not cpu:
         return [ref]
     if fmt == WeightFormat.INT8:
-        return _packed("int8", _int8_cpu, INT8_CPU_KERNEL, ref)
+        return _packed("int8", _int8_cpu, INT8_CPU_KERNEL, ref) + INT8_NUMBA
     return _packed("int4", _int4_cpu, INT4_CPU_KERNEL, ref)
 
 
@@ -224,7 +232,7 @@ class Products:
         lins = _working_set(self.by_format.get(fmt, []), _cache_bytes(self.device))
         if not lins:  # a format not in this model (asked through choose): time a stand-in
             lins = [_stand_in(fmt, self.device, self.dtype)]
-        key = self._key(fmt, lins)
+        key = self._key(fmt, lins, cands)
         names = {c.name for c in cands}
         cached = _MEMO.get(key) or _read_cache(self.cache, key)
         if cached is not None and set(cached["names"]) <= names:
@@ -250,9 +258,10 @@ class Products:
             _write_cache(self.cache, key, entry)
         return Choice(fmt, chosen, "measured", ms)
 
-    def _key(self, fmt: WeightFormat, lins: list[Linear]) -> str:
+    def _key(self, fmt: WeightFormat, lins: list[Linear], cands: list[Product]) -> str:
+        # The candidates are part of the key: a new one (a kernel added, numba installed) is timed.
         return "/".join((self.backend.value, self.device.type, str(self.dtype).split(".")[-1],
-                         fmt.value, _signature(lins)))
+                         fmt.value, _signature(lins), ",".join(sorted(c.name for c in cands))))
 
     # --- reporting -------------------------------------------------------------------------------
     def describe(self) -> list[str]:

@@ -200,6 +200,7 @@ class Linear:
     mins: torch.Tensor | None = None  # INT4: fp32 [in / 32, out]
     packed: torch.Tensor | None = None  # INT4 on the CPU: pack_int4_cpu's codes
     packed_scales: torch.Tensor | None = None  # CPU: INT8 bf16 [out]; INT4 bf16 [in/32, out16, 2]
+    host_int8: tuple[np.ndarray, np.ndarray] | None = None  # CPU INT8: numpy (codes, scales) views
 
     def __post_init__(self):
         if self.format is None:
@@ -249,8 +250,11 @@ class Linear:
         cpu = lin.weight.device.type == "cpu"
         if cpu and lin.format == WeightFormat.FLOAT32:
             lin.host = lin.weight.numpy()
-        elif cpu and lin.format == WeightFormat.INT8 and INT8_CPU_KERNEL:
-            lin.packed_scales = lin.scales.to(torch.bfloat16)
+        elif cpu and lin.format == WeightFormat.INT8:
+            # numpy views for kernels/cpu_quant_linear.py (no conversion per call)
+            lin.host_int8 = (lin.weight.numpy(), lin.scales.numpy())
+            if INT8_CPU_KERNEL:
+                lin.packed_scales = lin.scales.to(torch.bfloat16)
         elif cpu and lin.format == WeightFormat.INT4 and INT4_CPU_KERNEL:
             lin.packed, lin.packed_scales = pack_int4_cpu(lin.weight, lin.scales, lin.mins)
         return lin

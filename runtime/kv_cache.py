@@ -308,13 +308,19 @@ class KVCache:
     def read(self, layer: int, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, Hkv, S, D] that the step's sequences may attend to."""
         kv_len = step.kv_len
-        if step.kv_rows is not None:
-            slots = torch.arange(kv_len, device=self.device)
-            k = self.k[layer][step.kv_rows, :, slots]  # [B, S, Hkv, D]
-            v = self.v[layer][step.kv_rows, :, slots]
-            return k.transpose(1, 2), v.transpose(1, 2)
+        if step.kv_rows is not None:  # some prefix lives in other rows: slices of its runs
+            return _read_runs(self.k[layer], step.kv_runs), _read_runs(self.v[layer], step.kv_runs)
         if step.rows_contiguous:
             r0 = int(step.rows[0])
             rows = slice(r0, r0 + step.batch)
             return self.k[layer, rows, :, :kv_len], self.v[layer, rows, :, :kv_len]
         return self.k[layer][step.rows, :, :kv_len], self.v[layer][step.rows, :, :kv_len]
+
+
+def _read_runs(cache: torch.Tensor, runs: list[list[tuple[int, int, int]]]) -> torch.Tensor:
+    """cache [R, Hkv, C, D], per sequence its runs (row, first slot, end slot) -> [B, Hkv, S, D]."""
+    per_seq = []
+    for seq in runs:
+        pieces = [cache[row, :, lo:hi] for row, lo, hi in seq]
+        per_seq.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
+    return per_seq[0].unsqueeze(0) if len(per_seq) == 1 else torch.stack(per_seq)

@@ -12,7 +12,9 @@ from tiny_models import make_hf_model, save_hf_model
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models
 from treadle.__main__ import main
+from treadle.graph import products
 from treadle.graph.weights import WeightFormat
+from treadle.kernels import cpu_quant_linear
 from treadle.runtime.llm import LLM, _physical_cores, load
 from treadle.runtime.methods import AR, Speculative
 from treadle.runtime.sampling import SamplingParams
@@ -101,6 +103,25 @@ def test_describe_names_the_formats_and_products(model_dir):
 def test_speculation_is_lossless_under_integer_weights(model_dir, weights):
     llm = load(model_dir, weights=weights)
     prompt = "abcabcabcab"  # repetitive: the n-gram draft finds continuations
+    ref = llm.generate(prompt, GREEDY, method=AR()).tokens
+    for method in (Speculative.chain(depth=3, draft="ngram"),
+                   Speculative.gsd(k=2, tau=0, depth=3, budget=8, draft="ngram")):
+        assert llm.generate(prompt, GREEDY, method=method).tokens == ref
+
+
+@pytest.mark.skipif(not cpu_quant_linear.AVAILABLE, reason="numba is not installed")
+def test_speculation_is_lossless_under_the_numba_int8_product(model_dir, monkeypatch):
+    """The fp32-activation int8 product (kernels/cpu_quant_linear.py) is row-invariant, so a
+    k-token verify step scores each token as AR's one-token step does."""
+    original = products.candidates
+
+    def numba_first(backend, device_type, fmt):  # fixed mode runs the first candidate
+        return sorted(original(backend, device_type, fmt), key=lambda c: c.name != "numba-int8")
+
+    monkeypatch.setattr(products, "candidates", numba_first)
+    llm = load(model_dir, weights="int8")
+    assert "numba-int8 (default)" in llm.describe()
+    prompt = "abcabcabcab"
     ref = llm.generate(prompt, GREEDY, method=AR()).tokens
     for method in (Speculative.chain(depth=3, draft="ngram"),
                    Speculative.gsd(k=2, tau=0, depth=3, budget=8, draft="ngram")):
