@@ -11,7 +11,7 @@ produces the same number of tokens. Per method and setting:
     mean accepted   = tokens emitted per verify step (accepted drafts + the target's own token)
     draft / verify  = seconds spent drafting / verifying, over all prompts
     merged          = draft nodes GSD reused by merging instead of drafting them
-Every method, AR included, runs with the same --weight-dtype (auto: bf16 weights with fp32
+Every method, AR included, runs with the same --weights (auto: bf16 weights with fp32
 activations on an AVX-512 BF16 CPU, where a k-node verify step costs about one token's step,
 perf/bench_linear.py, and the forward is row-invariant, so greedy output stays token-identical;
 fp32 weights elsewhere); with bf16 weights a closing row gives AR with fp32 weights for reference.
@@ -67,13 +67,13 @@ def main() -> int:
     ap.add_argument("--only", help="comma-separated method names to run (plus ar)")
     ap.add_argument("--out", default=None, help="results file stem (default perf/results/...)")
     ap.add_argument(
+        "--weights",
         "--weight-dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16"],
-        help="weight matrices' dtype for every method, AR included (activations stay fp32). "
-        "auto: bfloat16 where the CPU has AVX-512 BF16 (a k-token verify step then costs about "
-        "one token's step, perf/bench_linear.py), else float32 (without it bf16 products are "
-        "emulated and slower than fp32)",
+        choices=["auto", "float32", "bfloat16", "int8", "int4", "native"],
+        help="weight format for every method, AR included (activations stay fp32; see "
+        "treadle.load's weights=). auto: bfloat16 where the CPU has AVX-512 BF16 (a k-token "
+        "verify step then costs about one token's step, perf/bench_linear.py), else float32",
     )
     ap.add_argument("--no-fp32-reference", action="store_true",
                     help="skip the closing AR row with fp32 weights")
@@ -89,11 +89,12 @@ def main() -> int:
     import torch
     import treadle
 
-    if args.weight_dtype == "auto":
+    if args.weights == "auto":
         bf16 = "avx512_bf16" in machine()["cpu_features"] or torch.cuda.is_available()
-        args.weight_dtype = "bfloat16" if bf16 else "float32"
-    llm = treadle.load(weight_dtype=args.weight_dtype)
+        args.weights = "bfloat16" if bf16 else "float32"
+    llm = treadle.load(weights=args.weights)
     questions = mt_bench_prompts(args.prompts, args.n_prompts)
+    llm_products = []  # which product multiplies each format (filled once they are chosen)
     prompt_ids = [llm.encode(q, chat=True) for q in questions]
     budgets = [int(b) for b in args.budgets.split(",")]
     only = set(args.only.split(",")) | {"ar"} if args.only else None
@@ -138,14 +139,18 @@ def main() -> int:
             }
             if temp == 0:
                 row["identical_to_ar"] = outs == ar_tokens
+            if name == "ar":
+                llm_products[:] = [ln for ln in llm.describe().splitlines()
+                                   if " matrices, " in ln]
             rows.append(row)
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
-    if args.weight_dtype != "float32" and not args.no_fp32_reference:
+    if args.weights != "float32" and not args.no_fp32_reference:
         # The plain fp32 runtime's AR, for reference (the speedups above are against the AR row
         # with the same weights). Loaded last: an fp32 model sets torch's threads for numpy's BLAS.
-        ref = treadle.load(weight_dtype="float32")
+        del llm
+        ref = treadle.load(weights="float32")
         params = treadle.SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
         ref.generate(prompt_ids[0], treadle.SamplingParams(max_new_tokens=8))
         t0 = time.perf_counter()
@@ -159,7 +164,8 @@ def main() -> int:
 
     result = {
         "benchmark": "speculative decoding vs AR, default model, batch 1",
-        "weight_dtype": args.weight_dtype,
+        "weights": args.weights,
+        "products": [line.strip() for line in llm_products],
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
         "prompts": f"{args.prompts} (first turns, {len(questions)} round-robin by category)",
