@@ -225,9 +225,19 @@ class GenerationRecipe:
     temperature: float = 0.7  # of the sampled answers
     seed: int = 0
     extra_prompts_csv: str | None = None  # questions put first (column `request`)
+    # Skip the prompts of the recipe with `after` prompts (same seed and CSV): data for training
+    # something beside a model that was trained on that recipe (LLM-to-SLM's projector beside the
+    # derived draft), which must not see the examples that model has fitted.
+    after: int = 0
 
     def prompts(self) -> list[str]:
-        return instruction_prompts(self.n_prompts, self.seed, self.extra_prompts_csv)
+        if not self.after:
+            return instruction_prompts(self.n_prompts, self.seed, self.extra_prompts_csv)
+        # The first n of the seeded order are the same set for every n (instruction_prompts),
+        # so the first after + n_prompts minus the first `after` are n_prompts new ones.
+        seen = set(instruction_prompts(self.after, self.seed, self.extra_prompts_csv))
+        more = instruction_prompts(self.after + self.n_prompts, self.seed, self.extra_prompts_csv)
+        return [p for p in more if p not in seen]
 
     def describe(self) -> dict:
         """The recipe as a build records it."""
@@ -280,7 +290,10 @@ def data_key(target_dir: Path, recipe: GenerationRecipe, prompts: Sequence[str],
     """Hash of what the answers depend on (see the module docstring)."""
     files = sorted(p for p in target_dir.iterdir() if p.suffix in (".safetensors", ".json"))
     stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    raw = json.dumps([str(target_dir), stats, asdict(recipe), list(prompts), chunk], sort_keys=True)
+    fields = asdict(recipe)
+    if not fields["after"]:  # keys made before the field existed stay valid
+        del fields["after"]
+    raw = json.dumps([str(target_dir), stats, fields, list(prompts), chunk], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

@@ -158,3 +158,11 @@ def test_pack_teacher_forces_the_answer_positions():
     # the positions whose next token is an answer token, and those tokens
     assert where.tolist() == [2, 3, 4, 5, 6] and labels.tolist() == [20, 21, 40, 41, 42]
     assert tokens.flatten()[where].tolist() == [12, 20, 30, 40, 41]
+
+
+def test_a_recipe_after_another_has_only_prompts_the_other_lacks():
+    first = set(GenerationRecipe(n_prompts=300, seed=2).prompts())
+    later = GenerationRecipe(n_prompts=200, seed=2, after=300).prompts()
+    assert len(later) == len(set(later)) == 200 and not first & set(later)
+    assert GenerationRecipe(n_prompts=300, seed=2, after=0).prompts() == \
+        GenerationRecipe(n_prompts=300, seed=2).prompts()

@@ -207,3 +207,14 @@ def test_treadle_train_llm2slm_runs_the_pipeline(dirs, tmp_path, capsys):
     assert rc == 0
     assert "held-out loss per answer token" in capsys.readouterr().out
     assert read_projector(out)[0].layer == 1
+
+
+def test_the_projectors_data_skip_what_a_derived_draft_was_trained_on(tmp_path):
+    small = tmp_path / "draft"
+    small.mkdir()
+    assert llm2slm.unseen_after(small, 0, None) == 0  # not a derived draft: nothing to skip
+    prompts = {"n_prompts": 512, "seed": 0, "extra_prompts_csv": None}
+    (small / "treadle-draft.json").write_text(json.dumps(
+        {"format": 1, "recipe": {"prompts": prompts}}))
+    assert llm2slm.unseen_after(small, 0, None) == 512
+    assert llm2slm.unseen_after(small, 1, None) == 0  # another seed: another order
