@@ -5,7 +5,8 @@ it, and which is fastest depends on the machine and on M, the rows multiplied at
 decode step, k for a k-token verify step). Measured on the 2-core development VMs, all 30 layers of
 the default model, ms at 1 / 4 / 8 / 16 rows:
     AVX2 Zen 3:      numpy fp32 35/82/78/104, oneDNN bf16 (emulated) 24/102/180/342,
-                     torch int8 kernel 18/38/68/129, torch int4 kernel 19/35/45/136
+                     torch int8 kernel 18/38/68/129, torch int4 kernel 19/35/45/136,
+                     numba int8 with fp32 activations (kernels/cpu_quant_linear.py) 9/20/39/76
     AVX-512 BF16:    torch/MKL fp32 45/67/97/63, oneDNN bf16 28/25/31/38, torch int8 12/12/25/37
 So the first time a format is multiplied (the plan's first step), every candidate for that format
 is timed at M = 1, 2, 4, 8, 16, 32 on a working set of the model's own matrices of that format

@@ -8,9 +8,9 @@ On a CPU without AVX-512 BF16 (the AVX2 Zen 3 machines) bf16 is emulated, and th
 every product's input and output costs accuracy: greedy tokens flip where the model's top two
 logits are close. Here the activations stay fp32 and so does the accumulation; the only error is
 the weights' own quantization. It is also faster there: all 121 int8 products of the default model
-(30 layers + LM head), 2 threads, AVX2 Zen 3, in ms at 1 / 4 / 8 rows: this kernel 6.6 / 18 / 38,
-torch's int8 kernel 14-18 / 38 / 68 (graph/products.py times both on each machine and keeps the
-faster).
+(30 layers + LM head), 2 threads, AVX2 Zen 3, in ms at 1 / 4 / 8 / 32 rows: this kernel
+8.9 / 20 / 39 / 141, torch's int8 kernel 21 / 23 / 50 / 142 (perf/results/bench_linear-vm-avx2.json;
+graph/products.py times both on each machine and keeps the faster).
 
 How: the output channels are split into chunks over numba's threads; each (row, channel) pair is one
 dot product of an fp32 row of x with the channel's int8 codes, converted to fp32 as they are read
