@@ -14,9 +14,9 @@ is timed at M = 1, 2, 4, 8, 16, 32 on a working set of the model's own matrices 
 forward), and the fastest per bucket is kept; a step with M rows uses the smallest bucket >= M (32's
 above 32). The choice is cached as JSON per machine (CPU model and vector features, thread count,
 torch/numpy versions; or the GPU), so later processes read it instead of timing. Timing takes
-about TIMING_BUDGET_S for all formats of a model. On a CPU whose load average exceeds its
-cores - 0.5, nothing is timed (the other processes' threads would be measured, and the choice
-would be cached): the backend's default product runs, and LLM.describe() says why.
+about TIMING_BUDGET_S for all formats of a model. While other processes keep more than BUSY_CORES
+cores busy (watched for BUSY_WINDOW_S first), nothing is timed (their threads would be measured,
+and the choice would be cached): the backend's default product runs, and LLM.describe() says why.
 TREADLE_PRODUCTS=fixed (or `mode="fixed"`) skips timing and uses each backend's default product
 (graph/backend.py): tests use it for determinism.
 
@@ -59,6 +59,8 @@ from .weights import Linear, ModelWeights, WeightFormat
 
 BUCKETS = (1, 2, 4, 8, 16, 32)
 TIMING_BUDGET_S = 1.5  # for all of a model's formats: past it only the default is still timed
+BUSY_CORES = 0.5  # other processes keeping more cores busy than this: nothing is timed
+BUSY_WINDOW_S = 0.25  # how long _load() watches the CPUs
 MODES = ("measure", "fixed")
 ENV = "TREADLE_PRODUCTS"
 CACHE_VERSION = 1
@@ -239,16 +241,15 @@ class Products:
         if cached is not None and set(cached["names"]) <= names:
             _MEMO[key] = cached
             return Choice(fmt, list(cached["names"]), "cached", cached.get("ms"))
-        load, cores = _load()
-        # Busy: more than this process's own thread pool would explain. A choice timed at load
-        # ~3.6 on the 2-core VMs (load > cores missed it, the 1-minute average lags) cached torch
-        # over numpy for fp32 with numpy timed 10-20x slow, and AR fell from ~23 to ~16 tokens/s.
-        if self.device.type == "cpu" and load > cores - 0.5:
-            # Other processes hold the cores: timings would measure them (thread pools spinning
-            # against each other cost 10-100x), and a choice cached from them would stay.
+        busy, cores = _load()
+        # Other processes' work would be timed with ours (thread pools spinning against each
+        # other cost 10-100x), and a choice made under it would stay cached: a choice timed at
+        # load ~3.6 on the 2-core VMs cached torch over numpy for fp32 with numpy timed 10-20x
+        # slow, and AR fell from ~23 to ~16 tokens/s.
+        if self.device.type == "cpu" and busy > BUSY_CORES:
             return Choice(fmt, [cands[0].name] * len(BUCKETS),
-                          f"default, not timed: the machine is busy (load {load:.1f} on {cores} "
-                          "cores)")
+                          f"default, not timed: other processes keep {busy:.1f} of {cores} cores "
+                          "busy")
         timed = sum(len(allowed(f, self.candidates(f))) > 1 for f in self.by_format) or 1
         ms = _time_candidates(cands, lins, self.dtype, self.device, TIMING_BUDGET_S / timed)
         chosen = pick(fmt, cands, ms)
@@ -415,12 +416,40 @@ def _time_candidates(
 
 
 def _load() -> tuple[float, int]:
-    """(1-minute load average, cores this process may use)."""
+    """(cores kept busy by other processes, cores this process may use).
+
+    Measured over BUSY_WINDOW_S from /proc/stat less this process's own CPU time, so that a
+    process that has just been computing (a benchmark loading its next model) does not count
+    itself: the 1-minute load average did, and left the next format untimed. Without /proc: the
+    load average less all but one of the cores this process could be using itself."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
     try:
-        return os.getloadavg()[0], cores or 1
+        busy0, total0, own0 = _cpu_ticks()
+        time.sleep(BUSY_WINDOW_S)
+        busy1, total1, own1 = _cpu_ticks()
+        n_cpus = os.cpu_count() or cores
+        busy = (busy1 - busy0) / max(1, total1 - total0) * n_cpus
+        own = (own1 - own0) / (os.sysconf("SC_CLK_TCK") * BUSY_WINDOW_S)
+        return max(0.0, busy - own), cores
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return max(0.0, os.getloadavg()[0] - (cores - 1)), cores
     except OSError:
-        return 0.0, cores or 1
+        return 0.0, cores
+
+
+def _cpu_ticks() -> tuple[int, int, int]:
+    """(busy, total) clock ticks of all CPUs (/proc/stat), and this process's user + system."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+    with open("/proc/self/stat") as f:
+        after_name = f.read().rsplit(")", 1)[1].split()
+    own = int(after_name[11]) + int(after_name[12])  # utime, stime (fields 14 and 15)
+    return total - idle, total, own
 
 
 def _cache_bytes(device: torch.device) -> int:

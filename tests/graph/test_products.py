@@ -8,6 +8,11 @@ choice follows the rules (one row-invariant family for 16-bit outputs), and the 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -144,8 +149,36 @@ def test_a_busy_machine_is_not_timed(tmp_path, monkeypatch):
     products = P.Products(Backend.TORCH, model.weights, mode="measure", cache=tmp_path / "c")
     choice = products.choose(WeightFormat.INT4)
     assert choice.names == ["torch-int4"] * len(P.BUCKETS)
-    assert choice.how == "default, not timed: the machine is busy (load 5.8 on 2 cores)"
+    assert choice.how == "default, not timed: other processes keep 5.8 of 2 cores busy"
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc")
+def test_busy_counts_other_processes_not_this_one():
+    """The guard must not mistake this process's own recent work for another's (the load average
+    did: a benchmark's second model went untimed), and must see a process that spins."""
+    spinning = threading.Event()
+
+    def spin():
+        while not spinning.is_set():
+            pass
+
+    own = threading.Thread(target=spin)
+    own.start()
+    try:
+        busy_self, _ = P._load()
+    finally:
+        spinning.set()
+        own.join()
+    other = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 2\n"
+                              "while time.time() < t: pass"])
+    try:
+        time.sleep(0.3)
+        busy_other, _ = P._load()
+    finally:
+        other.kill()
+        other.wait()
+    assert busy_other >= busy_self + 0.5
 
 
 def test_a_missing_cpu_kernel_runs_the_reference_and_says_so(tmp_path, monkeypatch):
