@@ -85,12 +85,3 @@ def int8_linear_cpu(
         y += bias.float()
     return y.view(*x.shape[:-1], codes.shape[0]).to(x.dtype)
 
-
-def threading_layer() -> str | None:
-    """numba's thread pool in use ("omp", "tbb", "workqueue"), once a kernel has run."""
-    if not AVAILABLE:
-        return None
-    try:
-        return numba.threading_layer()
-    except ValueError:  # no parallel kernel has run yet
-        return None
